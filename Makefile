@@ -1,0 +1,30 @@
+# The two commands of the README: `make run` and `make test`. Both create .venv when needed.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: run test bench lint results clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	touch $(STAMP)
+
+EXPERIMENT ?= swiss_roll_ddpm
+
+run: $(STAMP)  ## default experiment, CPU: train, evaluate against the floor, plot
+	$(PY) -m diffft.train experiment=$(EXPERIMENT) $(ARGS)
+
+test: $(STAMP)  ## the whole test suite
+	$(PY) -m pytest $(ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check diffft tests experiments
+	$(VENV)/bin/ruff format --check diffft tests experiments
+
+bench: $(STAMP)  ## speed against a bare PyTorch loop (one thread)
+	$(PY) experiments/bench.py $(ARGS)
+
+clean:
+	rm -rf outputs multirun .cache

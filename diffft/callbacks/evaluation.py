@@ -1,0 +1,40 @@
+"""Periodic evaluation during training: a small sampling of the main chain, logged as ``eval/*``.
+
+The full evaluation (all samplers, all draws, the floor, the summary table) runs once at the end
+of ``diffft.train``; this callback only tracks progress and feeds checkpoint selection.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+
+from diffft.evaluation import Evaluator
+
+
+class PeriodicEvaluation(L.Callback):
+    """Every ``every_n_batches`` training batches: sample ``n`` points (one draw), log metrics."""
+
+    def __init__(self, evaluator: Evaluator, every_n_batches: int, n: int = 2_000) -> None:
+        self.every, self.batches = every_n_batches, 0
+        self.evaluator = Evaluator(
+            evaluator.dm,
+            evaluator.metrics,
+            n=n,
+            draws=1,
+            seed=evaluator.seed,
+            w2_points=min(n, evaluator.w2_points),
+        )
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, *args: Any) -> None:
+        self.batches += 1
+        if self.every > 0 and self.batches % self.every == 0:
+            values = self.evaluator.evaluate(pl_module.eval_chain)
+            pl_module.log_dict({f"eval/{k}": v[0] for k, v in values.items()}, prog_bar=True)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"batches": self.batches}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self.batches = state_dict["batches"]

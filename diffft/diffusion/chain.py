@@ -1,0 +1,178 @@
+"""The one sampling chain every method uses.
+
+Time index (DDPM convention, everywhere in diffft): ``x_K ~ N(0, I)`` is noise, ``x_0`` is data,
+and the chain steps ``k = K, ..., 1`` with the Gaussian transition
+
+    p(x_{k-1} | x_k) = N(mu(x_k, k), sigma_k^2 I),   mu = c_x[k] * x_k + c_eps[k] * eps(x_k, t_k)
+
+where ``eps`` is a pretrained eps-network queried at its own time index ``t_k`` (the chain may be
+a sub-sampled T'-step view of a T-step model, see ``schedules.subsample``). Both DDPM ancestral
+sampling (Ho et al. 2020, Eq. 11) and DDIM (Song et al. 2021, Eq. 12, with eta) are linear in
+``x_k`` and ``eps``, so one pair of coefficients covers both.
+
+``sigma_k`` is either fixed (from the schedule) or a learnable per-step ``log_sigma`` (DxMI);
+the mean keeps using the fixed schedule either way, as in the DxMI release.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from diffft.diffusion.schedules import StepSchedule
+
+PARAMETERISATIONS = ("ddpm", "ddim")
+VARIANCES = ("beta", "posterior")
+_LOG_2PI = math.log(2 * math.pi)
+
+
+@dataclass
+class Trajectory:
+    """A rolled-out chain: ``states[k]`` is ``x_k`` (``states[0]`` sample, ``states[K]`` noise)."""
+
+    states: torch.Tensor  # [K+1, n, *event_shape]
+
+    @property
+    def sample(self) -> torch.Tensor:
+        return self.states[0]
+
+    @property
+    def steps(self) -> int:
+        return self.states.shape[0] - 1
+
+    def transitions(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """All ``K * n`` transitions, flattened: ``(x_k, x_{k-1}, k)`` with ``k`` a LongTensor."""
+        K, n = self.steps, self.states.shape[1]
+        x_k = self.states[1:].reshape(K * n, *self.states.shape[2:])
+        x_prev = self.states[:-1].reshape(K * n, *self.states.shape[2:])
+        k = torch.arange(1, K + 1, device=self.states.device).repeat_interleave(n)
+        return x_k, x_prev, k
+
+
+def _coefficients(
+    ab: torch.Tensor, parameterisation: str, eta: float, variance: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """float64 ``(c_x, c_eps, sigma)`` of length K+1 (index 0 unused) from ``alpha_bar[0..K]``."""
+    ab_k, ab_prev = ab[1:], ab[:-1]
+    beta = 1 - ab_k / ab_prev
+    posterior_var = beta * (1 - ab_prev) / (1 - ab_k)
+    if parameterisation == "ddpm":
+        c_x = 1 / torch.sqrt(1 - beta)
+        c_eps = -beta / (torch.sqrt(1 - beta) * torch.sqrt(1 - ab_k))
+        sigma = torch.sqrt(beta if variance == "beta" else posterior_var)
+    elif parameterisation == "ddim":
+        sigma = eta * torch.sqrt(posterior_var)
+        # x0_hat = (x - sqrt(1-ab_k) eps) / sqrt(ab_k)
+        # mean = sqrt(ab_prev) x0_hat + sqrt(1 - ab_prev - sigma^2) eps
+        c_x = torch.sqrt(ab_prev / ab_k)
+        c_eps = torch.sqrt((1 - ab_prev - sigma**2).clamp_min(0)) - c_x * torch.sqrt(1 - ab_k)
+    else:
+        raise ValueError(
+            f"unknown sampler.parameterisation {parameterisation!r}; expected one of "
+            f"{PARAMETERISATIONS}"
+        )
+    pad = torch.zeros(1, dtype=torch.float64)
+    return torch.cat([pad, c_x]), torch.cat([pad, c_eps]), torch.cat([pad, sigma])
+
+
+class GaussianChain(nn.Module):
+    """K-step Gaussian Markov sampler built from an eps-network and a ``StepSchedule``.
+
+    Args:
+        eps_net: ``(x, t) -> eps`` with ``t`` the network's own time index per sample.
+        schedule: alpha_bar of the K chain states and the network time of each.
+        event_shape: shape of one sample, e.g. ``(2,)``.
+        parameterisation: ``ddpm`` (ancestral) or ``ddim``.
+        eta: DDIM stochasticity (1 = DDPM posterior variance, 0 = deterministic).
+        variance: for ``ddpm``: ``beta`` (sigma_k^2 = beta_k, the SFT-PG toy code) or
+            ``posterior`` (beta tilde).
+        learn_sigma: make ``log sigma_k`` a parameter (initialised at the fixed sigma).
+        sigma_min: lower bound on every sigma_k (a zero-variance step has no log-prob).
+        continuous_time: pass fractional network times (FastDPM VAR); else round to integers.
+    """
+
+    def __init__(
+        self,
+        eps_net: nn.Module,
+        schedule: StepSchedule,
+        event_shape: tuple[int, ...],
+        parameterisation: str = "ddpm",
+        eta: float = 1.0,
+        variance: str = "beta",
+        learn_sigma: bool = False,
+        sigma_min: float = 0.0,
+        continuous_time: bool = False,
+    ) -> None:
+        super().__init__()
+        if variance not in VARIANCES:
+            raise ValueError(f"unknown sampler.variance {variance!r}; expected one of {VARIANCES}")
+        self.eps_net = eps_net
+        self.event_shape = tuple(event_shape)
+        self.steps = schedule.steps
+        c_x, c_eps, sigma = _coefficients(schedule.alpha_bar, parameterisation, eta, variance)
+        sigma = sigma.clamp_min(sigma_min)
+        sigma[0] = 1.0  # unused slot; keeps log finite
+        net_t = schedule.net_t.clamp_min(0)
+        self.register_buffer("c_x", c_x.float())
+        self.register_buffer("c_eps", c_eps.float())
+        self.register_buffer("fixed_sigma", sigma.float())
+        self.register_buffer("net_t", net_t.float() if continuous_time else net_t.round().long())
+        self.register_buffer("alpha_bar", schedule.alpha_bar.float())
+        self.log_sigma = nn.Parameter(sigma.log().float()) if learn_sigma else None
+
+    # -- one transition ---------------------------------------------------------------------
+    def _per_sample(self, coef: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        return coef[k].view(-1, *([1] * len(self.event_shape)))
+
+    def sigma(self, k: torch.Tensor) -> torch.Tensor:
+        """sigma_k per sample, shape ``[n, 1, ...]`` (broadcastable against x)."""
+        table = self.log_sigma.exp() if self.log_sigma is not None else self.fixed_sigma
+        return self._per_sample(table, k)
+
+    def mean(self, x_k: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """mu(x_k, k); ``k`` is a LongTensor ``[n]`` in 1..K."""
+        eps = self.eps_net(x_k, self.net_t[k])
+        return self._per_sample(self.c_x, k) * x_k + self._per_sample(self.c_eps, k) * eps
+
+    def step(self, x_k: torch.Tensor, k: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """Reparameterised transition ``x_{k-1} = mu(x_k, k) + sigma_k * noise``."""
+        return self.mean(x_k, k) + self.sigma(k) * noise
+
+    def log_prob(self, x_prev: torch.Tensor, x_k: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """log p(x_{k-1} | x_k), summed over dimensions: shape ``[n]``."""
+        mu, sigma = self.mean(x_k, k), self.sigma(k)
+        z = (x_prev - mu) / sigma
+        per_dim = -0.5 * z**2 - sigma.log() - 0.5 * _LOG_2PI
+        return per_dim.flatten(1).sum(1)
+
+    # -- the whole chain --------------------------------------------------------------------
+    def sample(
+        self,
+        n: int,
+        generator: torch.Generator | None = None,
+        return_trajectory: bool = False,
+        grad: bool = False,
+        x_K: torch.Tensor | None = None,
+    ) -> torch.Tensor | Trajectory:
+        """Run the chain from ``x_K ~ N(0, I)`` to ``x_0``.
+
+        ``grad=False`` rolls out under ``torch.no_grad()`` (not ``inference_mode``: the returned
+        trajectory can be reused to compute gradients). ``grad=True`` keeps the graph through
+        every step (pathwise / BPTT gradients).
+        """
+        device = self.c_x.device
+        shape = (n, *self.event_shape)
+        with torch.set_grad_enabled(grad):
+            x = torch.randn(shape, generator=generator, device=device) if x_K is None else x_K
+            states = [x]
+            for k in range(self.steps, 0, -1):
+                kk = torch.full((n,), k, dtype=torch.long, device=device)
+                noise = torch.randn(shape, generator=generator, device=device)
+                x = self.step(x, kk, noise)
+                states.append(x)
+        if not return_trajectory:
+            return x
+        return Trajectory(torch.stack(states[::-1]))

@@ -1,0 +1,64 @@
+"""Common base of every method: the chain, its EMA copy, and the samplers to evaluate."""
+
+from __future__ import annotations
+
+import copy
+import importlib
+from typing import Any
+
+import lightning as L
+import torch
+
+from diffft.diffusion.chain import GaussianChain
+
+
+class SamplerMethod(L.LightningModule):
+    """A LightningModule that owns a ``GaussianChain`` (``self.chain``) and its EMA.
+
+    Subclasses build ``self.chain`` and then call ``self.init_ema(decay)``. ``samplers()`` names
+    the chains the evaluation reports (the EMA chain when EMA is on). Everything registered as a
+    submodule or buffer (nets, EMA, learnable sigma) is in the checkpoint.
+    """
+
+    chain: GaussianChain
+
+    def init_ema(self, decay: float) -> None:
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"method.ema_decay must be in [0, 1), got {decay}")
+        self.ema_decay = decay
+        self.ema_chain = copy.deepcopy(self.chain).requires_grad_(False) if decay > 0 else None
+
+    @torch.no_grad()
+    def update_ema(self) -> None:
+        if self.ema_chain is None:
+            return
+        params = [p for p in self.chain.parameters()]
+        ema = [p for p in self.ema_chain.parameters()]
+        torch._foreach_lerp_(ema, params, 1.0 - self.ema_decay)
+
+    @property
+    def eval_chain(self) -> GaussianChain:
+        """The chain used for sampling and evaluation (EMA when enabled)."""
+        return self.ema_chain if self.ema_chain is not None else self.chain
+
+    def samplers(self) -> dict[str, GaussianChain]:
+        """Named chains to evaluate at the end of a run; the first is the main one."""
+        return {self.sampler_name: self.eval_chain}
+
+    @property
+    def sampler_name(self) -> str:
+        return f"{type(self).__name__} K={self.chain.steps}"
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Lets ``load_method`` rebuild the right class from a checkpoint alone.
+        checkpoint["diffft_method"] = f"{type(self).__module__}.{type(self).__qualname__}"
+
+
+def load_method(path: str) -> SamplerMethod:
+    """The method saved in a checkpoint written by ``python -m diffft.train``."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    if "diffft_method" not in ckpt:
+        raise ValueError(f"ckpt: '{path}' was not written by diffft.train (no 'diffft_method')")
+    module, _, name = ckpt["diffft_method"].rpartition(".")
+    cls = getattr(importlib.import_module(module), name)
+    return cls.load_from_checkpoint(path, map_location="cpu", weights_only=False)

@@ -1,0 +1,150 @@
+"""Entry point: ``python -m diffft.train experiment=... [overrides]``.
+
+Builds the datamodule, method, callbacks, logger and trainer from the composed config, runs the
+``pretrain`` stage first when a fine-tuning method has no ``init_from`` (cached by config hash),
+trains, then evaluates every sampler the method names against the data floor and prints a
+summary table. Writes into ``paths.output_dir``: ``config.yaml`` (resolved), ``checkpoints/``
+(``last.ckpt``, ``best.ckpt``), ``metrics.csv``, ``samples.png``, ``summary.md``/``.json``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+import torch
+from hydra import compose
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from diffft.callbacks.evaluation import PeriodicEvaluation
+from diffft.evaluation import Evaluator, format_table
+from diffft.plots import scatter_samples
+
+log = logging.getLogger("diffft")
+
+# Keys that do not change what a pretraining run produces (left out of its cache key).
+_NOT_IN_CACHE_KEY = ("paths", "logger", "callbacks", "task_name", "eval", "ckpt_path", "hydra")
+
+
+def pretrain_key(cfg: DictConfig) -> str:
+    """A short hash of the resolved config, without output/logging keys."""
+    c = OmegaConf.to_container(cfg, resolve=True)
+    for k in _NOT_IN_CACHE_KEY:
+        c.pop(k, None)
+    c.get("trainer", {}).pop("enable_progress_bar", None)
+    return hashlib.sha1(json.dumps(c, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def run_pretrain(cfg: DictConfig) -> str:
+    """Run (or reuse) the ``pretrain`` stage and return its ``last.ckpt``."""
+    overrides = list(cfg.pretrain.overrides)
+    if cfg.pretrain.debug:
+        overrides.append(f"debug={cfg.pretrain.debug}")
+    if any(o.startswith("paths.") for o in overrides):
+        raise ValueError("pretrain.overrides must not set paths.*: the stage is cached by config")
+    pre = compose(config_name="train", overrides=overrides + ["paths.output_dir=unset"])
+    key = pretrain_key(pre)
+    out = Path(cfg.paths.cache_dir) / "pretrain" / f"{pre.task_name}-{key}"
+    ckpt = out / "checkpoints" / "last.ckpt"
+    if (out / "done").is_file() and ckpt.is_file():
+        log.info("pretrain stage: reusing %s", ckpt)
+        return str(ckpt)
+    log.info("pretrain stage: no cached checkpoint, training %s", out)
+    with open_dict(pre):
+        pre.paths.output_dir = str(out)
+        pre.paths.cache_dir = cfg.paths.cache_dir
+        pre.threads = cfg.threads
+    train(pre)
+    (out / "done").write_text(key)
+    return str(ckpt)
+
+
+def build_trainer(cfg: DictConfig, evaluator: Evaluator) -> L.Trainer:
+    out = Path(cfg.paths.output_dir)
+    callbacks: list[L.Callback] = []
+    if cfg.eval.every_n_batches > 0:
+        callbacks.append(
+            PeriodicEvaluation(evaluator, cfg.eval.every_n_batches, cfg.eval.periodic_n)
+        )
+    callbacks += [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
+    logger = instantiate(cfg.logger) if cfg.get("logger") else False
+    return instantiate(cfg.trainer, callbacks=callbacks, logger=logger, default_root_dir=out)
+
+
+def train(cfg: DictConfig) -> dict[str, dict[str, list[float]]]:
+    """Train and evaluate one run; returns ``{sampler or 'data floor': {metric: [values]}}``."""
+    torch.set_num_threads(cfg.threads)
+    out = Path(cfg.paths.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, out / "config.yaml", resolve=True)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+
+    method_kwargs: dict[str, Any] = {}
+    if "init_from" in cfg.method and not cfg.method.init_from:
+        if not cfg.pretrain.overrides:
+            raise ValueError(
+                "method.init_from is empty and no pretrain stage is configured; set "
+                "method.init_from=PATH/last.ckpt (a DDPM checkpoint) or pretrain.overrides"
+            )
+        method_kwargs["init_from"] = run_pretrain(cfg)
+        L.seed_everything(cfg.seed, workers=True, verbose=False)
+
+    datamodule = instantiate(cfg.dataset)
+    datamodule.setup("fit")
+    # Plain containers: the hyper-parameters in a checkpoint then load with weights_only=True.
+    method_cfg = OmegaConf.to_container(cfg.method, resolve=True)
+    method = instantiate(method_cfg, _recursive_=False, _convert_="all", **method_kwargs)
+    evaluator = Evaluator(
+        datamodule,
+        list(cfg.eval.metrics),
+        n=cfg.eval.n,
+        draws=cfg.eval.draws,
+        seed=cfg.eval.seed,
+        w2_points=cfg.eval.w2_points,
+        cache_dir=cfg.paths.cache_dir,
+    )
+    trainer = build_trainer(cfg, evaluator)
+    trainer.fit(method, datamodule, ckpt_path=cfg.get("ckpt_path"))
+    if trainer.global_rank != 0:
+        return {}
+    return report(cfg, method, datamodule, evaluator, out)
+
+
+def report(
+    cfg: DictConfig, method: Any, datamodule: Any, evaluator: Evaluator, out: Path
+) -> dict[str, dict[str, list[float]]]:
+    """Evaluate every sampler of ``method`` (plus any extra ``eval.compare`` checkpoints) beside
+    the floor; print and save the table and a scatter plot."""
+    method.eval()
+    samplers = dict(method.samplers())
+    rows = {name: evaluator.evaluate(chain) for name, chain in samplers.items()}
+    rows["data floor"] = evaluator.floor()
+    references = OmegaConf.to_container(cfg.eval.references, resolve=True) or {}
+    table = format_table(rows, evaluator.metrics, references)
+    header = (
+        f"{cfg.task_name}: {evaluator.draws} draws of {evaluator.n} samples, mean ± sd; "
+        f"'data floor' = the same metric between independent real samples of the same size"
+    )
+    (out / "summary.md").write_text(header + "\n\n" + table + "\n")
+    (out / "summary.json").write_text(json.dumps(rows, indent=1))
+    g = torch.Generator().manual_seed(cfg.eval.seed)
+    with torch.no_grad():
+        shown = {name: chain.sample(5_000, generator=g) for name, chain in samplers.items()}
+    scatter_samples(shown, datamodule.train, out / "samples.png")
+    print("\n" + header + "\n" + table + f"\n\noutputs: {out}\n", flush=True)
+    return rows
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> None:
+    train(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+import numpy as np
+import pytest
+import torch
+
+from diffft.data.toy import GENERATORS, DataError, ToyDataModule, load_points_file
+
+
+@pytest.mark.parametrize("name", sorted(GENERATORS))
+def test_generators_are_seeded(name):
+    a, b, c = GENERATORS[name](500, 1), GENERATORS[name](500, 1), GENERATORS[name](500, 2)
+    assert a.shape == (500, 2) and np.isfinite(a).all()
+    np.testing.assert_array_equal(a, b)
+    assert not np.allclose(a, c)
+
+
+def test_swiss_roll_matches_the_sft_pg_setup():
+    from sklearn.datasets import make_swiss_roll
+
+    x, _ = make_swiss_roll(100, noise=0.05, random_state=3)
+    np.testing.assert_allclose(GENERATORS["swiss_roll"](100, 3), x[:, [0, 2]] / 20)
+
+
+def test_eight_gaussians_modes():
+    x = GENERATORS["eight_gaussians"](8000, 0) * 1.414
+    radius = np.linalg.norm(x, axis=1)
+    assert abs(np.median(radius) - 4.0) < 0.1
+
+
+def test_datamodule_split_batches_and_fresh():
+    dm = ToyDataModule("swiss_roll", n_train=1000, n_test=300, batch_size=128)
+    dm.setup()
+    assert dm.train.shape == (1000, 2) and dm.test.shape == (300, 2)
+    batches = list(dm.train_dataloader())
+    assert len(batches) == 8 and sum(len(b) for b in batches) == 1000
+    seen = torch.cat(batches)
+    assert torch.equal(seen.sort(0).values, dm.train.sort(0).values)  # each point once per epoch
+    fresh = dm.fresh(200, seed=0)
+    assert fresh.shape == (200, 2) and not torch.isin(fresh[:, 0], dm.train[:, 0]).any()
+
+
+def test_points_file_npy_and_csv(tmp_path):
+    x = np.random.default_rng(0).normal(size=(50, 3))
+    np.save(tmp_path / "p.npy", x)
+    np.savetxt(tmp_path / "p.csv", x, delimiter=",", header="a,b,c", comments="")
+    np.testing.assert_allclose(load_points_file(tmp_path / "p.npy"), x)
+    np.testing.assert_allclose(load_points_file(tmp_path / "p.csv"), x)
+    dm = ToyDataModule("points_file", dim=3, path=str(tmp_path / "p.npy"), test_fraction=0.2)
+    dm.setup()
+    assert dm.train.shape == (40, 3) and dm.test.shape == (10, 3)
+
+
+@pytest.mark.parametrize(
+    "content,match",
+    [
+        (None, "no such file"),
+        (np.zeros(5), "shape"),
+        (np.array([[0.0, 1.0], [np.nan, 2.0], [1.0, 1.0]]), "NaN/inf values \\(first in row 1\\)"),
+    ],
+)
+def test_points_file_errors_name_the_path(tmp_path, content, match):
+    path = tmp_path / "bad.npy"
+    if content is not None:
+        np.save(path, content)
+    with pytest.raises(DataError, match=match) as err:
+        load_points_file(path)
+    assert str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_other_data_errors(tmp_path):
+    (tmp_path / "x.txt").write_text("1,2\n3,4\n")
+    with pytest.raises(DataError, match="suffix"):
+        load_points_file(tmp_path / "x.txt")
+    with pytest.raises(DataError, match="unknown dataset 'moons'.*swiss_roll"):
+        ToyDataModule("moons")
+    with pytest.raises(DataError, match="dataset.path is empty"):
+        ToyDataModule("points_file")
+    np.save(tmp_path / "p.npy", np.zeros((10, 3)))
+    dm = ToyDataModule("points_file", dim=2, path=str(tmp_path / "p.npy"))
+    with pytest.raises(DataError, match="set dataset.dim=3"):
+        dm.setup()
