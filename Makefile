@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
 	touch $(STAMP)
 
-EXPERIMENT ?= swiss_roll_ddpm
+EXPERIMENT ?= swiss_roll_sft_pg_fast
 
 run: $(STAMP)  ## default experiment, CPU: train, evaluate against the floor, plot
 	$(PY) -m diffft.train experiment=$(EXPERIMENT) $(ARGS)

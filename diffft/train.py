@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from diffft.callbacks.evaluation import PeriodicEvaluation
 from diffft.evaluation import Evaluator, format_table
+from diffft.methods.base import load_method
 from diffft.plots import scatter_samples
 
 log = logging.getLogger("diffft")
@@ -41,25 +42,29 @@ def pretrain_key(cfg: DictConfig) -> str:
     return hashlib.sha1(json.dumps(c, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def run_pretrain(cfg: DictConfig) -> str:
-    """Run (or reuse) the ``pretrain`` stage and return its ``last.ckpt``."""
-    overrides = list(cfg.pretrain.overrides)
-    if cfg.pretrain.debug:
-        overrides.append(f"debug={cfg.pretrain.debug}")
+def cached_stage(cfg: DictConfig, overrides: list[str]) -> str:
+    """Train the run that ``overrides`` compose to (or reuse it) and return its ``last.ckpt``.
+
+    Runs are cached under ``paths.cache_dir`` by a hash of their resolved config, so a second
+    fine-tuning run (or a sweep over fine-tuning seeds) reuses the same pretrained model.
+    """
     if any(o.startswith("paths.") for o in overrides):
-        raise ValueError("pretrain.overrides must not set paths.*: the stage is cached by config")
-    pre = compose(config_name="train", overrides=overrides + ["paths.output_dir=unset"])
+        raise ValueError(f"cached stage {overrides}: must not set paths.* (it is cached by config)")
+    if cfg.pretrain.debug:
+        overrides = [*overrides, f"debug={cfg.pretrain.debug}"]
+    pre = compose(config_name="train", overrides=[*overrides, "paths.output_dir=unset"])
     key = pretrain_key(pre)
     out = Path(cfg.paths.cache_dir) / "pretrain" / f"{pre.task_name}-{key}"
     ckpt = out / "checkpoints" / "last.ckpt"
     if (out / "done").is_file() and ckpt.is_file():
-        log.info("pretrain stage: reusing %s", ckpt)
+        log.info("cached stage %s: reusing %s", overrides, ckpt)
         return str(ckpt)
-    log.info("pretrain stage: no cached checkpoint, training %s", out)
+    log.info("cached stage %s: no cached checkpoint, training into %s", overrides, out)
     with open_dict(pre):
         pre.paths.output_dir = str(out)
         pre.paths.cache_dir = cfg.paths.cache_dir
         pre.threads = cfg.threads
+        pre.trainer.enable_progress_bar = cfg.trainer.enable_progress_bar
     train(pre)
     (out / "done").write_text(key)
     return str(ckpt)
@@ -92,7 +97,7 @@ def train(cfg: DictConfig) -> dict[str, dict[str, list[float]]]:
                 "method.init_from is empty and no pretrain stage is configured; set "
                 "method.init_from=PATH/last.ckpt (a DDPM checkpoint) or pretrain.overrides"
             )
-        method_kwargs["init_from"] = run_pretrain(cfg)
+        method_kwargs["init_from"] = cached_stage(cfg, list(cfg.pretrain.overrides))
         L.seed_everything(cfg.seed, workers=True, verbose=False)
 
     datamodule = instantiate(cfg.dataset)
@@ -123,6 +128,11 @@ def report(
     the floor; print and save the table and a scatter plot."""
     method.eval()
     samplers = dict(method.samplers())
+    # Extra rows: other models (e.g. the full-chain DDPM, a strong-schedule baseline), each
+    # trained once by its own cached stage.
+    for name, overrides in (cfg.eval.get("compare") or {}).items():
+        other = load_method(cached_stage(cfg, list(overrides)))
+        samplers[name] = other.eval().eval_chain.to(method.device)
     rows = {name: evaluator.evaluate(chain) for name, chain in samplers.items()}
     rows["data floor"] = evaluator.floor()
     references = OmegaConf.to_container(cfg.eval.references, resolve=True) or {}

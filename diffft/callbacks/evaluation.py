@@ -6,6 +6,7 @@ of ``diffft.train``; this callback only tracks progress and feeds checkpoint sel
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import lightning as L
@@ -18,6 +19,7 @@ class PeriodicEvaluation(L.Callback):
 
     def __init__(self, evaluator: Evaluator, every_n_batches: int, n: int = 2_000) -> None:
         self.every, self.batches = every_n_batches, 0
+        self.elapsed, self._start = 0.0, 0.0  # training wall time (excluding evaluation)
         self.evaluator = Evaluator(
             evaluator.dm,
             evaluator.metrics,
@@ -27,14 +29,23 @@ class PeriodicEvaluation(L.Callback):
             w2_points=min(n, evaluator.w2_points),
         )
 
+    def on_train_start(self, trainer: L.Trainer, pl_module: Any) -> None:
+        self._start = time.perf_counter()
+
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, *args: Any) -> None:
         self.batches += 1
         if self.every > 0 and self.batches % self.every == 0:
+            now = time.perf_counter()
+            self.elapsed += now - self._start
             values = self.evaluator.evaluate(pl_module.eval_chain)
-            pl_module.log_dict({f"eval/{k}": v[0] for k, v in values.items()}, prog_bar=True)
+            logs = {f"eval/{k}": v[0] for k, v in values.items()}
+            pl_module.log_dict(logs, prog_bar=True)
+            pl_module.log_dict({"time/train_s": self.elapsed, "time/batches": self.batches})
+            self._start = time.perf_counter()
 
-    def state_dict(self) -> dict[str, int]:
-        return {"batches": self.batches}
+    def state_dict(self) -> dict[str, float]:
+        return {"batches": self.batches, "elapsed": self.elapsed}
 
-    def load_state_dict(self, state_dict: dict[str, int]) -> None:
-        self.batches = state_dict["batches"]
+    def load_state_dict(self, state_dict: dict[str, float]) -> None:
+        self.batches = int(state_dict["batches"])
+        self.elapsed = state_dict.get("elapsed", 0.0)

@@ -1,0 +1,293 @@
+"""Speed of diffft on the SFT-PG swiss-roll DDPM setup, one CPU thread (``make bench``).
+
+1. ``step``: ms per training step of diffft's real Lightning path (config composed as in
+   ``tests/conftest.py``, trainer from ``diffft.train.build_trainer``) against a bare PyTorch loop
+   with the same model, loss, optimiser, grad clip, EMA and in-memory index-slice batches.
+2. ``quality``: wall time of ``diffft.train.train`` from the start of fit to the first periodic
+   evaluation with ``sw_paper <= 8.5``, against the released SFT-PG code (0.28 s/epoch x 2000).
+
+Runs alternate (bare, diffft, bare, ...) so that load from other work hits both alike; each
+number is the median of the repeats, with the min-max spread beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import io
+import logging
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import textwrap
+import time
+import warnings
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra import compose, initialize_config_module
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+import diffft.train as dtrain
+from diffft.callbacks.evaluation import PeriodicEvaluation
+from diffft.diffusion.forward import denoising_loss
+from diffft.diffusion.schedules import alpha_bar, beta_schedule
+from diffft.evaluation import Evaluator
+
+REFERENCE_S = 0.28 * 2000  # released SFT-PG pretraining: 0.28 s/epoch x 2000 epochs, 1 thread
+SW_TARGET = 8.5  # the reference ends at sw_paper 8.1-8.3
+EVERY = 500  # periodic evaluation interval (batches)
+RESULTS = Path(__file__).parent / "results" / "bench.md"
+
+
+def make_cfg(tmp: Path, *overrides: str) -> DictConfig:
+    """The real config, composed as tests/conftest.py does (needs Hydra initialised)."""
+    paths = [f"paths.output_dir={tmp}/out", f"paths.cache_dir={tmp}/cache"]
+    return compose("train", overrides=[*paths, "experiment=swiss_roll_ddpm", *overrides])
+
+
+class StepTimer(L.Callback):
+    """Wall time of the training loop only (fit set-up and teardown excluded)."""
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: Any) -> None:
+        self.t0 = time.perf_counter()
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
+        self.ms_per_step = (time.perf_counter() - self.t0) * 1e3 / max(trainer.global_step, 1)
+
+
+def diffft_step_ms(tmp: Path, steps: int, progress_bar: bool = False) -> float:
+    """ms/step of ``trainer.fit``, built as ``diffft.train.train`` builds it."""
+    cfg = make_cfg(
+        tmp,
+        f"trainer.max_steps={steps}",
+        f"trainer.enable_progress_bar={str(progress_bar).lower()}",
+        "eval.every_n_batches=0",
+        "~logger",
+        "~callbacks.model_checkpoint",
+        "+trainer.enable_checkpointing=false",  # else Lightning adds a per-epoch default one
+    )
+    torch.set_num_threads(cfg.threads)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    datamodule = instantiate(cfg.dataset)
+    datamodule.setup("fit")
+    method_cfg = OmegaConf.to_container(cfg.method, resolve=True)
+    method = instantiate(method_cfg, _recursive_=False, _convert_="all")
+    evaluator = Evaluator(datamodule, list(cfg.eval.metrics), n=cfg.eval.n)
+    trainer = dtrain.build_trainer(cfg, evaluator)
+    timer = StepTimer()
+    trainer.callbacks.append(timer)
+    with open(os.devnull, "w") as null, contextlib.redirect_stdout(null):  # the bar
+        trainer.fit(method, datamodule)
+    return timer.ms_per_step
+
+
+def bare_step_ms(tmp: Path, steps: int) -> float:
+    """ms/step of a plain PyTorch loop with the same model, loss, optimiser, clip and EMA."""
+    cfg = make_cfg(tmp)
+    m, data_cfg = cfg.method, cfg.dataset
+    torch.manual_seed(cfg.seed)
+    data = instantiate(data_cfg)
+    data.setup("fit")
+    x, n, batch = data.train, data.train.shape[0], data_cfg.batch_size
+    ab = alpha_bar(beta_schedule(**m.schedule)).float()
+    net = instantiate(cfg.backbone, dim=m.dim, n_steps=m.schedule.steps)  # diffft TimeMLP
+    ema = copy.deepcopy(net).requires_grad_(False)
+    params, ema_params = list(net.parameters()), list(ema.parameters())
+    opt = instantiate(m.optimizer, params=params)
+    g = torch.Generator().manual_seed(data_cfg.seed)
+    done = 0
+    t0 = time.perf_counter()
+    while done < steps:
+        perm = torch.randperm(n, generator=g)
+        for i in range(0, n, batch):
+            loss = denoising_loss(net, x[perm[i : i + batch]], ab, antithetic=m.antithetic)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, m.grad_clip)
+            opt.step()
+            with torch.no_grad():
+                torch._foreach_lerp_(ema_params, params, 1.0 - m.ema_decay)
+            done += 1
+            if done == steps:
+                break
+    return (time.perf_counter() - t0) * 1e3 / steps
+
+
+class StopAtQuality(L.Callback):
+    """Stops fit at the first periodic evaluation with ``eval/sw_paper <= target``; runs after
+    ``PeriodicEvaluation`` (appended later), so it sees that batch's evaluation."""
+
+    def __init__(self, target: float, every: int) -> None:
+        self.target, self.every, self.t0, self.eval_s, self.step = target, every, 0.0, 0.0, 0
+        self.seen: list[tuple[int, float]] = []
+        self.elapsed: float | None = None
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: Any) -> None:
+        for cb in trainer.callbacks:  # also time the periodic evaluations themselves
+            if isinstance(cb, PeriodicEvaluation):
+                cb.evaluator.evaluate = self._timed(cb.evaluator.evaluate)
+        self.t0 = time.perf_counter()
+
+    def _timed(self, f: Callable[..., Any]) -> Callable[..., Any]:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            t = time.perf_counter()
+            out = f(*args, **kwargs)
+            self.eval_s += time.perf_counter() - t
+            return out
+
+        return timed
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, *args: Any) -> None:
+        if trainer.global_step % self.every or self.elapsed is not None:
+            return
+        sw = float(trainer.callback_metrics["eval/sw_paper"])
+        self.seen.append((trainer.global_step, sw))
+        if sw <= self.target:
+            self.elapsed, self.step = time.perf_counter() - self.t0, trainer.global_step
+            trainer.should_stop = True
+
+
+def time_to_quality(tmp: Path, max_steps: int | None) -> tuple[StopAtQuality, dict, float]:
+    """Runs ``diffft.train.train`` itself, its trainer built with ``StopAtQuality`` appended."""
+    cfg = make_cfg(
+        tmp,
+        f"eval.every_n_batches={EVERY}",
+        "eval.periodic_n=10000",
+        "eval.metrics=[sw_paper]",
+        "trainer.enable_progress_bar=false",
+        *([f"trainer.max_steps={max_steps}"] if max_steps else []),
+    )
+    stop, build = StopAtQuality(SW_TARGET, EVERY), dtrain.build_trainer
+
+    def build_with_stop(cfg: DictConfig, evaluator: Evaluator) -> L.Trainer:
+        trainer = build(cfg, evaluator)
+        trainer.callbacks.append(stop)
+        return trainer
+
+    dtrain.build_trainer = build_with_stop
+    t0 = time.perf_counter()
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            rows = dtrain.train(cfg)
+    finally:
+        dtrain.build_trainer = build
+    return stop, rows, time.perf_counter() - t0
+
+
+def bench_step(tmp: Path, steps: int, repeats: int, bar: bool) -> list[str]:
+    runs: dict[str, list[float]] = {"bare": [], "diffft": [], "diffft+bar": []}
+    for _ in range(repeats):  # interleaved: background load hits every variant alike
+        runs["bare"].append(bare_step_ms(tmp, steps))
+        runs["diffft"].append(diffft_step_ms(tmp, steps))
+        if bar:
+            runs["diffft+bar"].append(diffft_step_ms(tmp, steps, progress_bar=True))
+    bare = statistics.median(runs["bare"])
+    lines = [f"Per-step time, {steps} steps x {repeats} interleaved repeats (median, min-max):", ""]
+    lines.append(f"  {'loop':<12} {'ms/step':>8}  {'spread':>13}  {'ratio':>5}  per-repeat ratios")
+    for name, xs in runs.items():
+        if xs:
+            med, spread = statistics.median(xs), f"{min(xs):.3f}-{max(xs):.3f}"
+            each = " ".join(f"{b / x:.2f}" for b, x in zip(runs["bare"], xs, strict=True))
+            lines.append(f"  {name:<12} {med:8.3f}  {spread:>13}  {bare / med:5.2f}  {each}")
+    lines += ["", "  ratio = bare ms / this ms (1.0 = as fast as the bare loop)"]
+    if bar:
+        lines.append("  diffft+bar: default TQDM progress bar, written to /dev/null")
+    lines.append("")
+    for name, label in (("diffft", ""), ("diffft+bar", " (progress bar on)")):
+        if runs[name]:
+            med = statistics.median(runs[name])
+            lines.append(
+                f"DDPM step{label}: bare {bare:.2f} ms, diffft {med:.2f} ms, "
+                f"ratio {bare / med:.2f} (target >= 0.9)"
+            )
+    return lines
+
+
+def bench_quality(tmp: Path, max_steps: int | None) -> list[str]:
+    stop, rows, total = time_to_quality(tmp, max_steps)
+    evals = ", ".join(f"{s}: {v:.2f}" for s, v in stop.seen)
+    lines = [
+        f"Time to sw_paper <= {SW_TARGET} (diffft.train.train; the periodic evaluation samples",
+        f"10K points (1 draw) from the EMA chain every {EVERY} batches):",
+        "",
+        textwrap.fill(evals, 96, initial_indent="  sw_paper by step: ", subsequent_indent=" " * 4),
+    ]
+    if stop.elapsed is None:
+        cap = f" (--quick caps the run at {max_steps} steps)" if max_steps else ""
+        return [*lines, f"  NOT reached{cap}; {total:.1f} s in train() overall"]
+    final = rows.get(next(iter(rows)), {}).get("sw_paper", [0.0])
+    sd = statistics.stdev(final) if len(final) > 1 else 0.0
+    lines += [
+        f"  {'reached at step':<36} {stop.step}",
+        f"  {'wall time from the start of fit':<36} {stop.elapsed:6.1f} s  "
+        f"(of which periodic evaluation {stop.eval_s:.1f} s)",
+        f"  {'train() overall':<36} {total:6.1f} s  (incl. set-up and the final evaluation)",
+        f"  {'final evaluation at stop':<36} {statistics.mean(final):6.2f} ± {sd:.2f}  "
+        f"({len(final)} draws of 10K)",
+        f"  {'reference (released SFT-PG code)':<36} {REFERENCE_S:6.1f} s  "
+        "(0.28 s/epoch x 2000 epochs, sw_paper 8.1-8.3)",
+        "",
+        f"Quality: diffft {stop.elapsed:.1f} s, reference {REFERENCE_S:.0f} s, "
+        f"speed-up {REFERENCE_S / stop.elapsed:.1f}x (target >= 5x)",
+    ]
+    return lines
+
+
+def machine() -> str:
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    return (
+        f"{platform.platform()}, {platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} cores (shared with other work; load average {load}), "
+        f"torch {torch.__version__}, lightning {L.__version__}, "
+        f"threads={torch.get_num_threads()}"
+    )
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="a few hundred steps, one quality cap")
+    p.add_argument("--part", choices=("step", "quality", "all"), default="all")
+    p.add_argument("--no-bar", action="store_true", help="skip the progress-bar variant")
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # "GPU available", tips
+    warnings.filterwarnings("ignore", module="lightning")  # few-workers and pytree notices
+    steps, repeats = (300, 3) if args.quick else (3000, 3)
+    lines = [f"machine: {machine()}", ""]
+    print(lines[0], flush=True)
+    with (
+        tempfile.TemporaryDirectory() as d,
+        initialize_config_module("diffft.conf", version_base="1.3"),
+    ):
+        tmp = Path(d)
+        if args.part in ("step", "all"):
+            out = bench_step(tmp, steps, repeats, bar=not args.no_bar)
+            print("\n".join(out), flush=True)
+            lines += [*out, ""]
+        if args.part in ("quality", "all"):
+            out = bench_quality(tmp, 1000 if args.quick else None)
+            print("\n" + "\n".join(out), flush=True)
+            lines += [*out, ""]
+    lines += [
+        f"Note: {os.cpu_count()} cores shared with other work, absolute times move with its load",
+        "(up to 2x; see the load average). Ratios pair interleaved runs and are steadier.",
+    ]
+    command = " ".join([".venv/bin/python", "experiments/bench.py", *sys.argv[1:]])
+    header = [f"# diffft benchmark ({datetime.now():%Y-%m-%d %H:%M})", "", f"command: `{command}`"]
+    out_file = RESULTS.with_name("bench_quick.md") if args.quick else RESULTS  # keep full numbers
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    out_file.write_text("\n".join([*header, "", "```", *lines, "```", ""]))
+    print(f"\nsaved to {out_file}")
+
+
+if __name__ == "__main__":
+    main()
