@@ -24,8 +24,13 @@ QUICK_EVAL = [
 
 @pytest.mark.parametrize("method", ["sft_pg", "sft_pathwise"])
 def test_short_fine_tuning_from_a_bad_ddpm_lowers_the_metric(method, make_cfg):
-    cfg = make_cfg("experiment=swiss_roll_sft_pg_fast", f"method={method}", BAD_DDPM,
-                   "trainer.max_epochs=6", *QUICK_EVAL)
+    cfg = make_cfg(
+        "experiment=swiss_roll_sft_pg_fast",
+        f"method={method}",
+        BAD_DDPM,
+        "trainer.max_epochs=6",
+        *QUICK_EVAL,
+    )
     rows = train(cfg)
     tuned = next(v["sw"] for k, v in rows.items() if k.startswith("SFT"))
     init = rows["DDPM T'=10 (init)"]["sw"]
