@@ -44,19 +44,25 @@ def test_sliced_w2_chunked_matches_pot(monkeypatch: pytest.MonkeyPatch, n: int, 
     assert sliced_w2(x, y, n_projections=45, seed=11) == pytest.approx(ref, rel=0, abs=1e-10)
 
 
-def test_sliced_w2_equal_sizes_does_not_call_pot(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Equal sizes take the sort path; unequal sizes fall back to POT."""
+def test_sliced_w2_does_not_call_pot_and_matches_it_for_any_sizes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Both paths (equal sizes: sorted differences; unequal: merged quantile breakpoints) are
+    computed here, not by POT's slow per-projection quantile search, and equal POT's values,
+    including sizes that share breakpoints (6 vs 3), a single point, and 300 vs 10K."""
     rng = _rng(4)
-    x, y, z = rng.normal(size=(64, 2)), rng.normal(size=(64, 2)), rng.normal(size=(50, 2))
-    ref = ot.sliced_wasserstein_distance(x, y, n_projections=20, p=2, seed=0)
+    pairs = [(64, 64), (64, 50), (6, 3), (1, 5), (300, 10_000)]
+    clouds = [(rng.normal(size=(n, 2)), rng.normal(size=(m, 2)) * 1.2 + 0.1) for n, m in pairs]
+    refs = [ot.sliced_wasserstein_distance(x, y, n_projections=20, p=2, seed=0) for x, y in clouds]
 
     def boom(*args: object, **kwargs: object) -> None:
-        raise AssertionError("POT fallback used")
+        raise AssertionError("POT used")
 
     monkeypatch.setattr(ot, "sliced_wasserstein_distance", boom)
-    assert sliced_w2(x, y, n_projections=20) == pytest.approx(ref, rel=0, abs=1e-10)
-    with pytest.raises(AssertionError, match="POT fallback used"):
-        sliced_w2(x, z, n_projections=20)
+    monkeypatch.setattr(ot.lp, "wasserstein_1d", boom)
+    for (x, y), ref in zip(clouds, refs, strict=True):
+        assert sliced_w2(x, y, n_projections=20) == pytest.approx(ref, rel=0, abs=1e-10)
+        assert sliced_w2(y, x, n_projections=20) == pytest.approx(ref, rel=0, abs=1e-10)
 
 
 def test_sliced_w2_accepts_torch() -> None:
