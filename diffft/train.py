@@ -129,8 +129,10 @@ def report(
     method.eval()
     samplers = dict(method.samplers())
     # Extra rows: other models (e.g. the full-chain DDPM, a strong-schedule baseline), each
-    # trained once by its own cached stage.
+    # trained once by its own cached stage. A null entry removes a row an experiment inherited.
     for name, overrides in (cfg.eval.get("compare") or {}).items():
+        if overrides is None:
+            continue
         other = load_method(cached_stage(cfg, list(overrides)))
         samplers[name] = other.eval().eval_chain.to(method.device)
     rows = {name: evaluator.evaluate(chain) for name, chain in samplers.items()}

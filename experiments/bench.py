@@ -55,13 +55,22 @@ def make_cfg(tmp: Path, *overrides: str) -> DictConfig:
 
 
 class StepTimer(L.Callback):
-    """Wall time of the training loop only (fit set-up and teardown excluded)."""
+    """Wall time per training batch of the loop only (fit set-up and teardown excluded); stops
+    the run after ``stop_after`` batches when given."""
+
+    def __init__(self, stop_after: int | None = None) -> None:
+        self.stop_after, self.batches = stop_after, 0
 
     def on_train_start(self, trainer: L.Trainer, pl_module: Any) -> None:
         self.t0 = time.perf_counter()
 
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        self.batches += 1
+        if self.batches == self.stop_after:
+            trainer.should_stop = True
+
     def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
-        self.ms_per_step = (time.perf_counter() - self.t0) * 1e3 / max(trainer.global_step, 1)
+        self.ms_per_step = (time.perf_counter() - self.t0) * 1e3 / max(self.batches, 1)
 
 
 def diffft_step_ms(tmp: Path, steps: int, progress_bar: bool = False) -> float:
@@ -91,7 +100,8 @@ def diffft_step_ms(tmp: Path, steps: int, progress_bar: bool = False) -> float:
 
 
 def bare_step_ms(tmp: Path, steps: int) -> float:
-    """ms/step of a plain PyTorch loop with the same model, loss, optimiser, clip and EMA."""
+    """ms/step of a plain PyTorch loop with the same model, loss, optimiser (and learning-rate
+    schedule), clip and EMA."""
     cfg = make_cfg(tmp)
     m, data_cfg = cfg.method, cfg.dataset
     torch.manual_seed(cfg.seed)
@@ -103,6 +113,11 @@ def bare_step_ms(tmp: Path, steps: int) -> float:
     ema = copy.deepcopy(net).requires_grad_(False)
     params, ema_params = list(net.parameters()), list(ema.parameters())
     opt = instantiate(m.optimizer, params=params)
+    sched = (
+        torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+        if m.lr_schedule == "cosine"
+        else None
+    )
     g = torch.Generator().manual_seed(data_cfg.seed)
     done = 0
     t0 = time.perf_counter()
@@ -114,6 +129,8 @@ def bare_step_ms(tmp: Path, steps: int) -> float:
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, m.grad_clip)
             opt.step()
+            if sched is not None:
+                sched.step()
             with torch.no_grad():
                 torch._foreach_lerp_(ema_params, params, 1.0 - m.ema_decay)
             done += 1
@@ -135,6 +152,7 @@ class StopAtQuality(L.Callback):
         for cb in trainer.callbacks:  # also time the periodic evaluations themselves
             if isinstance(cb, PeriodicEvaluation):
                 cb.evaluator.evaluate = self._timed(cb.evaluator.evaluate)
+                self.periodic = cb
         self.t0 = time.perf_counter()
 
     def _timed(self, f: Callable[..., Any]) -> Callable[..., Any]:
@@ -147,12 +165,13 @@ class StopAtQuality(L.Callback):
         return timed
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, *args: Any) -> None:
-        if trainer.global_step % self.every or self.elapsed is not None:
+        batches = self.periodic.batches  # training batches so far (SFT-PG: critic iterations)
+        if batches % self.every or self.elapsed is not None:
             return
         sw = float(trainer.callback_metrics["eval/sw_paper"])
-        self.seen.append((trainer.global_step, sw))
+        self.seen.append((batches, sw))
         if sw <= self.target:
-            self.elapsed, self.step = time.perf_counter() - self.t0, trainer.global_step
+            self.elapsed, self.step = time.perf_counter() - self.t0, batches
             trainer.should_stop = True
 
 
@@ -227,7 +246,7 @@ def bench_quality(tmp: Path, max_steps: int | None) -> list[str]:
     final = rows.get(next(iter(rows)), {}).get("sw_paper", [0.0])
     sd = statistics.stdev(final) if len(final) > 1 else 0.0
     lines += [
-        f"  {'reached at step':<36} {stop.step}",
+        f"  {'reached at batch':<36} {stop.step}",
         f"  {'wall time from the start of fit':<36} {stop.elapsed:6.1f} s  "
         f"(of which periodic evaluation {stop.eval_s:.1f} s)",
         f"  {'train() overall':<36} {total:6.1f} s  (incl. set-up and the final evaluation)",
@@ -238,6 +257,203 @@ def bench_quality(tmp: Path, max_steps: int | None) -> list[str]:
         "",
         f"Quality: diffft {stop.elapsed:.1f} s, reference {REFERENCE_S:.0f} s, "
         f"speed-up {REFERENCE_S / stop.elapsed:.1f}x (target >= 5x)",
+    ]
+    return lines
+
+
+# -- SFT-PG -------------------------------------------------------------------------------------
+SFT_PAPER = "swiss_roll_sft_pg"  # the per-iteration comparison: the paper's toy settings
+SFT_E2E = "swiss_roll_sft_pg_fast"  # the end-to-end run: `make run`'s experiment
+# Released code on this machine class (specs): pretraining 0.28 s/epoch x 2000 epochs, then
+# fine-tuning 0.083 s per critic iteration x 79 iterations/epoch x 300 epochs.
+SFT_REFERENCE_S = 0.28 * 2000 + 0.083 * 79 * 300
+SFT_EVERY = 790  # periodic evaluation interval of the end-to-end run (10 epochs)
+
+
+def sft_pg_method(tmp: Path, *overrides: str) -> tuple[DictConfig, Any]:
+    """An SFT-PG module on an untrained DDPM of the experiment's pretrain stage (timing only)."""
+    cfg = compose(
+        "train",
+        overrides=[f"paths.output_dir={tmp}/out", f"experiment={SFT_PAPER}", *overrides],
+    )
+    pre = compose("train", overrides=list(cfg.pretrain.overrides))
+    method_cfg = OmegaConf.to_container(cfg.method, resolve=True)
+    method_cfg["ddpm"] = OmegaConf.to_container(pre.method, resolve=True)
+    method_cfg["ddpm"].pop("_target_")
+    return cfg, instantiate(method_cfg, _recursive_=False, _convert_="all")
+
+
+def diffft_sft_pg_ms(tmp: Path, iters: int) -> float:
+    """ms per critic iteration (one Lightning batch) of ``SFTPG`` under diffft's trainer."""
+    cfg, method = sft_pg_method(
+        tmp,
+        "trainer.enable_progress_bar=false",
+        "eval.every_n_batches=0",
+        "~logger",
+        "~callbacks.model_checkpoint",
+        "+trainer.enable_checkpointing=false",
+    )
+    torch.set_num_threads(cfg.threads)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    datamodule = instantiate(cfg.dataset)
+    datamodule.setup("fit")
+    trainer = dtrain.build_trainer(cfg, Evaluator(datamodule, ["sw_paper"]))
+    timer = StepTimer(stop_after=iters)
+    trainer.callbacks.append(timer)
+    trainer.fit(method, datamodule)
+    return timer.ms_per_step
+
+
+def bare_sft_pg_ms(tmp: Path, iters: int) -> float:
+    """ms per critic iteration of Alg. 1 as a plain PyTorch loop: the same chain, critic,
+    baseline, Adam optimisers, buffer and one 128-transition generator step every n_critic."""
+    cfg, method = sft_pg_method(tmp)
+    hp, data_cfg = cfg.method, cfg.dataset
+    torch.manual_seed(cfg.seed)
+    data = instantiate(data_cfg)
+    data.setup("fit")
+    x, n, batch = data.train, data.train.shape[0], data_cfg.batch_size
+    chain, critic, baseline = method.chain, method.critic, method.baseline
+    opt_g = torch.optim.Adam(chain.parameters(), lr=hp.lr.generator)
+    opt_f = torch.optim.Adam(critic.parameters(), lr=hp.lr.critic)
+    opt_b = torch.optim.Adam(baseline.parameters(), lr=hp.lr.baseline)
+    g = torch.Generator().manual_seed(data_cfg.seed)
+    buffer: list[torch.Tensor] = []
+    done = 0
+    t0 = time.perf_counter()
+    while done < iters:
+        perm = torch.randperm(n, generator=g)
+        for i in range(0, n, batch):
+            real = x[perm[i : i + batch]]
+            traj = chain.sample(hp.rollout_batch, return_trajectory=True)
+            f_fake = critic(traj.sample).squeeze(-1)
+            x_k, _, k = traj.transitions()
+            values = baseline(x_k, k - 1).squeeze(-1)
+            loss = critic(real).mean() - f_fake.mean()
+            loss = loss + (values - f_fake.repeat(traj.steps)).square().mean()
+            opt_f.zero_grad(set_to_none=True)
+            opt_b.zero_grad(set_to_none=True)
+            loss.backward()
+            opt_f.step()
+            opt_b.step()
+            buffer.append(traj.states)
+            done += 1
+            if done % hp.n_critic == 0:
+                states = torch.cat(buffer, dim=1)
+                buffer.clear()
+                x_k, x_prev, k = type(traj)(states).transitions()
+                x_0 = states[0].repeat(traj.steps, 1)
+                idx = torch.randperm(x_k.shape[0])[: hp.generator_batch]
+                with torch.no_grad():
+                    adv = critic(x_0[idx]).squeeze(-1) - baseline(x_k[idx], k[idx] - 1).squeeze(-1)
+                loss = (adv * chain.log_prob(x_prev[idx], x_k[idx], k[idx])).mean()
+                opt_g.zero_grad(set_to_none=True)
+                loss.backward()
+                opt_g.step()
+            if done == iters:
+                break
+    return (time.perf_counter() - t0) * 1e3 / iters
+
+
+def bench_sft_pg_step(tmp: Path, iters: int, repeats: int) -> list[str]:
+    runs: dict[str, list[float]] = {"bare": [], "diffft": []}
+    for _ in range(repeats):
+        runs["bare"].append(bare_sft_pg_ms(tmp, iters))
+        runs["diffft"].append(diffft_sft_pg_ms(tmp, iters))
+    bare, ours = statistics.median(runs["bare"]), statistics.median(runs["diffft"])
+    each = " ".join(f"{b / d:.2f}" for b, d in zip(runs["bare"], runs["diffft"], strict=True))
+    return [
+        f"SFT-PG critic iteration (experiment={SFT_PAPER}, {iters} iterations x {repeats} "
+        "interleaved repeats, median):",
+        "",
+        f"  bare {bare:.2f} ms ({min(runs['bare']):.2f}-{max(runs['bare']):.2f}), "
+        f"diffft {ours:.2f} ms ({min(runs['diffft']):.2f}-{max(runs['diffft']):.2f}); "
+        f"per-repeat ratios {each}",
+        "  released code (specs): 83 ms",
+        "",
+        f"SFT-PG iteration: bare {bare:.2f} ms, diffft {ours:.2f} ms, ratio {bare / ours:.2f} "
+        f"(target >= 0.9); {83 / ours:.1f}x faster than the released code",
+    ]
+
+
+def bench_sft_pg_e2e(tmp: Path) -> list[str]:
+    """Wall time of one ``diffft.train.train`` call of ``SFT_E2E`` from an empty cache (DDPM
+    pretraining + SFT-PG) until a periodic evaluation (one 10K draw) of sw_paper is within the
+    floor (floor mean + one floor sd)."""
+    cfg = compose(
+        "train",
+        overrides=[
+            f"paths.output_dir={tmp}/e2e",
+            f"paths.cache_dir={tmp}/e2e_cache",
+            f"experiment={SFT_E2E}",
+            f"eval.every_n_batches={SFT_EVERY}",
+            "eval.periodic_n=10000",
+            "eval.metrics=[sw_paper,sw,w2]",
+            "~eval.compare",
+            "trainer.enable_progress_bar=false",
+        ],
+    )
+    datamodule = instantiate(cfg.dataset)
+    datamodule.setup("fit")
+    floor = Evaluator(
+        datamodule, ["sw_paper"], n=cfg.eval.n, draws=cfg.eval.draws, seed=cfg.eval.seed
+    ).floor()["sw_paper"]
+    target = statistics.mean(floor) + statistics.stdev(floor)
+    stop = StopAtQuality(target, SFT_EVERY)
+    build, cached = dtrain.build_trainer, dtrain.cached_stage
+    pre_s: list[float] = []
+
+    def build_with_stop(cfg: DictConfig, evaluator: Evaluator) -> L.Trainer:
+        trainer = build(cfg, evaluator)
+        if "SFTPG" in str(cfg.method.get("_target_")):  # not the pretraining stage
+            trainer.callbacks.append(stop)
+        return trainer
+
+    def timed_stage(*args: Any) -> str:
+        t = time.perf_counter()
+        out = cached(*args)
+        pre_s.append(time.perf_counter() - t)
+        return out
+
+    dtrain.build_trainer, dtrain.cached_stage = build_with_stop, timed_stage
+    t0 = time.perf_counter()
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            rows = dtrain.train(cfg)
+    finally:
+        dtrain.build_trainer, dtrain.cached_stage = build, cached
+    total = time.perf_counter() - t0
+    evals = ", ".join(f"{s}: {v:.2f}" for s, v in stop.seen)
+    lines = [
+        f"SFT-PG end to end (experiment={SFT_E2E}, empty cache: DDPM pretraining + fine-tuning),",
+        f"until a periodic sw_paper (one 10K draw, every {SFT_EVERY} batches = 10 epochs) <= floor "
+        f"mean + sd = {target:.3f}:",
+        "",
+        textwrap.fill(evals, 96, initial_indent="  sw_paper by batch: ", subsequent_indent="    "),
+    ]
+    if stop.elapsed is None:
+        return [*lines, f"  NOT reached within the run; {total:.1f} s in train() overall"]
+    final = {m: rows[next(iter(rows))][m] for m in ("sw_paper", "sw", "w2")}
+    e2e = pre_s[0] + stop.elapsed
+    lines += [
+        f"  {'pretraining stage (train + evaluate)':<40} {pre_s[0]:6.1f} s",
+        f"  {'fine-tuning, start of fit to the floor':<40} {stop.elapsed:6.1f} s  "
+        f"(of which periodic evaluation {stop.eval_s:.1f} s; batch {stop.step})",
+        f"  {'train() overall':<40} {total:6.1f} s  (incl. set-up and the final evaluation)",
+    ]
+    for m, v in final.items():
+        f = rows["data floor"][m]
+        lines.append(
+            f"  final {m:<10} {statistics.mean(v):.4g} ± {statistics.stdev(v):.2g} "
+            f"(floor {statistics.mean(f):.4g} ± {statistics.stdev(f):.2g}; {len(v)} draws of 10K)"
+        )
+    lines += [
+        f"  {'reference (released code, specs)':<40} {SFT_REFERENCE_S:6.1f} s  "
+        "(pretraining 560 s + fine-tuning 300 epochs 1967 s)",
+        "",
+        f"SFT-PG end to end: diffft {e2e:.1f} s (pretraining {pre_s[0]:.0f} s + fine-tuning "
+        f"{stop.elapsed:.0f} s), reference {SFT_REFERENCE_S:.0f} s, speed-up "
+        f"{SFT_REFERENCE_S / e2e:.1f}x (target >= 5x, i.e. <= 9 min; stretch <= 5 min)",
     ]
     return lines
 
@@ -255,7 +471,9 @@ def machine() -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="a few hundred steps, one quality cap")
-    p.add_argument("--part", choices=("step", "quality", "all"), default="all")
+    p.add_argument(
+        "--part", choices=("step", "quality", "sft_step", "sft_e2e", "all"), default="all"
+    )
     p.add_argument("--no-bar", action="store_true", help="skip the progress-bar variant")
     args = p.parse_args()
     torch.set_num_threads(1)
@@ -275,6 +493,14 @@ def main() -> None:
             lines += [*out, ""]
         if args.part in ("quality", "all"):
             out = bench_quality(tmp, 1000 if args.quick else None)
+            print("\n" + "\n".join(out), flush=True)
+            lines += [*out, ""]
+        if args.part in ("sft_step", "all"):
+            out = bench_sft_pg_step(tmp, 200 if args.quick else 1500, repeats)
+            print("\n" + "\n".join(out), flush=True)
+            lines += [*out, ""]
+        if args.part in ("sft_e2e", "all") and not args.quick:
+            out = bench_sft_pg_e2e(tmp)
             print("\n" + "\n".join(out), flush=True)
             lines += [*out, ""]
     lines += [

@@ -78,3 +78,19 @@ def test_other_data_errors(tmp_path):
     dm = ToyDataModule("points_file", dim=2, path=str(tmp_path / "p.npy"))
     with pytest.raises(DataError, match="set dataset.dim=3"):
         dm.setup()
+
+
+def test_data_order_follows_the_trainer_epoch_so_resumed_runs_match():
+    from types import SimpleNamespace
+
+    def epoch_batches(epoch):
+        dm = ToyDataModule("swiss_roll", 2, n_train=300, n_test=50, batch_size=64, seed=0)
+        dm.trainer = SimpleNamespace(current_epoch=epoch)
+        return torch.cat(list(dm.train_dataloader()))
+
+    uninterrupted = ToyDataModule("swiss_roll", 2, n_train=300, n_test=50, batch_size=64, seed=0)
+    loader = uninterrupted.train_dataloader()  # no trainer: iterations are counted
+    first, second = torch.cat(list(loader)), torch.cat(list(loader))
+    assert torch.equal(epoch_batches(0), first) and torch.equal(epoch_batches(1), second)
+    assert not torch.equal(first, second)
+    assert torch.equal(torch.sort(first, 0).values, torch.sort(second, 0).values)

@@ -1,5 +1,6 @@
 """Compose-and-run tests for the real configs, and short end-to-end DDPM runs."""
 
+import csv
 import json
 from pathlib import Path
 
@@ -54,6 +55,18 @@ def test_resume_continues_step_count_and_writes_summary(make_cfg, tmp_path):
     train(cfg)
     last = Path(cfg.paths.output_dir) / "checkpoints/last.ckpt"
     assert torch.load(last, weights_only=False)["global_step"] == 10
+    # Loss rows follow the trainer.log_every_n_steps grid (every 4th batch); the periodic
+    # evaluations (every 5th) reach metrics.csv off that grid too.
+    logged = make_cfg(
+        *common,
+        "trainer.max_steps=12",
+        "trainer.log_every_n_steps=4",
+        f"paths.output_dir={tmp_path}/log",
+    )
+    train(logged)
+    rows = list(csv.DictReader((Path(logged.paths.output_dir) / "metrics.csv").open()))
+    assert [r["step"] for r in rows if r.get("train/loss")] == ["3", "7", "11"]
+    assert [r["time/batches"] for r in rows if r.get("eval/sw_paper")] == ["5.0", "10.0"]
     resumed = make_cfg(
         *common, "trainer.max_steps=20", f"ckpt_path={last}", f"paths.output_dir={tmp_path}/resumed"
     )
@@ -85,3 +98,14 @@ def test_sample_cli_writes_plain_array(make_cfg, tmp_path):
     assert short.shape == (50, 2) and not (short == x).all()
     with pytest.raises(FileNotFoundError, match="ckpt: no such file"):
         sample_checkpoint(str(tmp_path / "missing.ckpt"), n=5)
+
+
+def test_cosine_lr_schedule_decays_to_zero_and_bad_name_fails(make_cfg):
+    cfg = make_cfg("experiment=swiss_roll_ddpm", "debug=fast", "trainer.max_steps=8")
+    assert cfg.method.lr_schedule == "cosine"
+    train(cfg)
+    ckpt = torch.load(Path(cfg.paths.output_dir) / "checkpoints/last.ckpt", weights_only=False)
+    (sched,) = ckpt["lr_schedulers"]
+    assert sched["T_max"] == 8 and sched["_last_lr"][0] < 1e-6 * cfg.method.optimizer.lr
+    with pytest.raises(Exception, match="method.lr_schedule='linear'"):
+        train(make_cfg("debug=fast", "method.lr_schedule=linear"))

@@ -39,8 +39,13 @@ class PeriodicEvaluation(L.Callback):
             self.elapsed += now - self._start
             values = self.evaluator.evaluate(pl_module.eval_chain)
             logs = {f"eval/{k}": v[0] for k, v in values.items()}
-            pl_module.log_dict(logs, prog_bar=True)
-            pl_module.log_dict({"time/train_s": self.elapsed, "time/batches": self.batches})
+            # For the progress bar and checkpoint monitoring only: Lightning would write these to
+            # the loggers only on batches that are multiples of trainer.log_every_n_steps.
+            pl_module.log_dict(logs, prog_bar=True, logger=False)
+            step = trainer.fit_loop.epoch_loop._batches_that_stepped
+            row = {**logs, "time/train_s": self.elapsed, "time/batches": float(self.batches)}
+            for logger in trainer.loggers:
+                logger.log_metrics(row, step=step)
             self._start = time.perf_counter()
 
     def state_dict(self) -> dict[str, float]:

@@ -88,12 +88,20 @@ def load_points_file(path: str | Path) -> np.ndarray:
 class InMemoryBatches(IterableDataset):
     """Shuffled index-slice batches of one in-memory tensor; a new permutation every epoch.
 
-    Under DDP each rank takes every ``world_size``-th index of the same permutation.
+    The permutation is seeded by ``(seed, epoch)``; ``epoch_fn`` (the trainer's epoch) makes a
+    resumed run see the same data order as an uninterrupted one. Without it, iterations are
+    counted. Under DDP each rank takes every ``world_size``-th index of the same permutation.
     """
 
-    def __init__(self, data: torch.Tensor, batch_size: int, seed: int) -> None:
+    def __init__(
+        self,
+        data: torch.Tensor,
+        batch_size: int,
+        seed: int,
+        epoch_fn: Callable[[], int | None] | None = None,
+    ) -> None:
         self.data, self.batch_size, self.seed = data, batch_size, seed
-        self.epoch = 0
+        self.epoch, self.epoch_fn = 0, epoch_fn
 
     def _rank_world(self) -> tuple[int, int]:
         if dist.is_available() and dist.is_initialized():
@@ -107,8 +115,10 @@ class InMemoryBatches(IterableDataset):
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         rank, world = self._rank_world()
-        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        self.epoch += 1
+        epoch = self.epoch_fn() if self.epoch_fn is not None else None
+        if epoch is None:
+            epoch, self.epoch = self.epoch, self.epoch + 1
+        g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
         perm = torch.randperm(self.data.shape[0], generator=g)[rank::world]
         for i in range(0, perm.shape[0], self.batch_size):
             yield self.data[perm[i : i + self.batch_size]]
@@ -188,7 +198,10 @@ class ToyDataModule(L.LightningDataModule):
             return pool[torch.randperm(pool.shape[0], generator=g)[:n]]
         return pool[torch.randint(0, pool.shape[0], (n,), generator=g)]
 
+    def _trainer_epoch(self) -> int | None:
+        return self.trainer.current_epoch if self.trainer is not None else None
+
     def train_dataloader(self) -> DataLoader:
         self.setup()
-        batches = InMemoryBatches(self.train, self.batch_size, self.seed)
+        batches = InMemoryBatches(self.train, self.batch_size, self.seed, self._trainer_epoch)
         return DataLoader(batches, batch_size=None, num_workers=0)

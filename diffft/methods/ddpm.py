@@ -18,6 +18,8 @@ from diffft.diffusion.forward import denoising_loss
 from diffft.diffusion.schedules import alpha_bar, beta_schedule, subsample
 from diffft.methods.base import SamplerMethod
 
+LR_SCHEDULES = ("constant", "cosine")
+
 
 class DDPM(SamplerMethod):
     """Args (all config keys of ``conf/method/ddpm.yaml``):
@@ -25,9 +27,9 @@ class DDPM(SamplerMethod):
     dim: data dimension. schedule: ``beta_schedule`` kwargs (name, steps, beta_start, beta_end).
     sampler: ``GaussianChain`` kwargs of the evaluation chain (parameterisation, variance, eta).
     optimizer: optimiser config (``_target_`` + kwargs). grad_clip: max grad norm (None = off).
+    lr_schedule: ``constant``, or ``cosine`` (decay to 0 over the run's optimiser steps).
     ema_decay: EMA of the eps-network (0 = off). eval_steps: extra sub-sampled chains to report,
     each ``{steps: T', subsample: kind}``. antithetic: pair t with T-1-t in the loss.
-    log_every_n_steps: how often the loss is logged (logging every step costs ~10% on toy data).
     """
 
     def __init__(
@@ -41,9 +43,11 @@ class DDPM(SamplerMethod):
         ema_decay: float = 0.999,
         eval_steps: list[dict[str, Any]] | None = None,
         antithetic: bool = True,
-        log_every_n_steps: int = 50,
+        lr_schedule: str = "constant",
     ) -> None:
         super().__init__()
+        if lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"method.lr_schedule={lr_schedule!r}; expected one of {LR_SCHEDULES}")
         self.save_hyperparameters()
         betas = beta_schedule(**schedule)
         self.register_buffer("betas", betas)  # float64: sub-sampling needs the exact schedule
@@ -56,7 +60,7 @@ class DDPM(SamplerMethod):
         loss = denoising_loss(
             self.chain.eps_net, batch, self.alpha_bar_full, antithetic=self.hparams.antithetic
         )
-        if batch_idx % self.hparams.log_every_n_steps == 0:
+        if self.logging_batch():
             self.log("train/loss", loss, prog_bar=True)
         return loss
 
@@ -67,8 +71,17 @@ class DDPM(SamplerMethod):
         if self.hparams.grad_clip:
             self.clip_gradients(optimizer, self.hparams.grad_clip, "norm")
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return instantiate(self.hparams.optimizer, params=self.chain.parameters())
+    def configure_optimizers(self) -> Any:
+        opt = instantiate(self.hparams.optimizer, params=self.chain.parameters())
+        if self.hparams.lr_schedule == "constant":
+            return opt
+        total = int(self.trainer.estimated_stepping_batches)
+        if not 0 < total < 10**9:
+            raise ValueError(
+                "method.lr_schedule=cosine needs a finite run: set trainer.max_steps or max_epochs"
+            )
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def short_chain(
         self, steps: int, subsample_kind: str = "none", **sampler: Any

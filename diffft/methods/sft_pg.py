@@ -84,7 +84,6 @@ class SFTPG(SamplerMethod):
         lr: dict[str, float] | None = None,
         optimizer: dict[str, Any] | None = None,
         ema_decay: float = 0.0,
-        log_every_n_steps: int = 50,
         ddpm: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
@@ -148,7 +147,7 @@ class SFTPG(SamplerMethod):
                 logs["loss/generator"] = self.policy_gradient_steps(opt_g)
                 self.buffer.clear()
             self.update_ema()
-        if batch_idx % hp.log_every_n_steps == 0:
+        if self.logging_batch():
             self.log_dict(logs)
 
     def critic_step(self, real: torch.Tensor, traj: Trajectory, opt_f: Any, opt_b: Any) -> dict:
