@@ -9,11 +9,18 @@ summary table. Writes into ``paths.output_dir``: ``config.yaml`` (resolved), ``c
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None  # type: ignore[assignment]
 
 import hydra
 import lightning as L
@@ -56,18 +63,35 @@ def cached_stage(cfg: DictConfig, overrides: list[str]) -> str:
     key = pretrain_key(pre)
     out = Path(cfg.paths.cache_dir) / "pretrain" / f"{pre.task_name}-{key}"
     ckpt = out / "checkpoints" / "last.ckpt"
-    if (out / "done").is_file() and ckpt.is_file():
-        log.info("cached stage %s: reusing %s", overrides, ckpt)
-        return str(ckpt)
-    log.info("cached stage %s: no cached checkpoint, training into %s", overrides, out)
-    with open_dict(pre):
-        pre.paths.output_dir = str(out)
-        pre.paths.cache_dir = cfg.paths.cache_dir
-        pre.threads = cfg.threads
-        pre.trainer.enable_progress_bar = cfg.trainer.enable_progress_bar
-    train(pre)
-    (out / "done").write_text(key)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Runs in parallel (a sweep, the results scripts) that need the same stage train it once:
+    # the first takes the lock and trains, the others wait for it and reuse its checkpoint.
+    with _file_lock(out.parent / f"{out.name}.lock"):
+        if (out / "done").is_file() and ckpt.is_file():
+            log.info("cached stage %s: reusing %s", overrides, ckpt)
+            return str(ckpt)
+        log.info("cached stage %s: no cached checkpoint, training into %s", overrides, out)
+        with open_dict(pre):
+            pre.paths.output_dir = str(out)
+            pre.paths.cache_dir = cfg.paths.cache_dir
+            pre.threads = cfg.threads
+            pre.trainer.enable_progress_bar = cfg.trainer.enable_progress_bar
+        train(pre)
+        (out / "done").write_text(key)
     return str(ckpt)
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock on ``path`` (POSIX ``flock``; no lock where unavailable)."""
+    with open(path, "a") as f:
+        if fcntl is not None:
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            if fcntl is not None:
+                fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def build_trainer(cfg: DictConfig, evaluator: Evaluator) -> L.Trainer:

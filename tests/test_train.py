@@ -2,6 +2,8 @@
 
 import csv
 import json
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -109,3 +111,23 @@ def test_cosine_lr_schedule_decays_to_zero_and_bad_name_fails(make_cfg):
     assert sched["T_max"] == 8 and sched["_last_lr"][0] < 1e-6 * cfg.method.optimizer.lr
     with pytest.raises(Exception, match="method.lr_schedule='linear'"):
         train(make_cfg("debug=fast", "method.lr_schedule=linear"))
+
+
+def test_parallel_runs_train_a_cached_stage_once(make_cfg, monkeypatch):
+    import diffft.train as dtrain
+
+    cfg = make_cfg("experiment=swiss_roll_sft_pg", "debug=fast")
+    calls = []
+
+    def slow_fake_train(pre):
+        calls.append(pre.paths.output_dir)
+        time.sleep(0.5)  # the second run arrives while the first is still training
+        ckpt = Path(pre.paths.output_dir) / "checkpoints/last.ckpt"
+        ckpt.parent.mkdir(parents=True)
+        ckpt.write_text("weights")
+
+    monkeypatch.setattr(dtrain, "train", slow_fake_train)
+    with ThreadPoolExecutor(2) as pool:
+        stage = lambda _: dtrain.cached_stage(cfg, list(cfg.pretrain.overrides))  # noqa: E731
+        paths = list(pool.map(stage, range(2)))
+    assert len(calls) == 1 and paths[0] == paths[1]
