@@ -84,6 +84,11 @@ class Evaluator:
             ref = ref[:m]
         return metric.scale * metric.fn(x[:m].detach().cpu(), ref, draw)
 
+    def score(self, x: torch.Tensor, draw: int = 0) -> dict[str, float]:
+        """Every metric of the points ``x`` [n, D] against its reference split (draw ``draw``'s
+        projections / W2 subset)."""
+        return {name: self._score(name, x, draw) for name in self.metrics}
+
     @torch.no_grad()
     def evaluate(self, chain: torch.nn.Module, draws: int | None = None) -> dict[str, list[float]]:
         """Metric values per draw for samples of ``chain``."""
