@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,7 +119,9 @@ class Evaluator:
             ]
             if path is not None:
                 path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_text(json.dumps({"metric": name, "values": values}))
+                tmp = path.with_suffix(f".{os.getpid()}.tmp")  # parallel runs read whole files
+                tmp.write_text(json.dumps({"metric": name, "values": values}))
+                os.replace(tmp, path)
             out[name] = values
         return out
 

@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -66,11 +67,13 @@ def cached_stage(cfg: DictConfig, overrides: list[str]) -> str:
     out.parent.mkdir(parents=True, exist_ok=True)
     # Runs in parallel (a sweep, the results scripts) that need the same stage train it once:
     # the first takes the lock and trains, the others wait for it and reuse its checkpoint.
-    with _file_lock(out.parent / f"{out.name}.lock"):
+    with _file_lock(out.parent / f"{out.name}.lock", f"cached stage {overrides}"):
         if (out / "done").is_file() and ckpt.is_file():
             log.info("cached stage %s: reusing %s", overrides, ckpt)
             return str(ckpt)
         log.info("cached stage %s: no cached checkpoint, training into %s", overrides, out)
+        if out.exists():  # an interrupted earlier attempt: Lightning would not overwrite its ckpt
+            shutil.rmtree(out)
         with open_dict(pre):
             pre.paths.output_dir = str(out)
             pre.paths.cache_dir = cfg.paths.cache_dir
@@ -82,11 +85,15 @@ def cached_stage(cfg: DictConfig, overrides: list[str]) -> str:
 
 
 @contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
+def _file_lock(path: Path, what: str) -> Iterator[None]:
     """An exclusive advisory lock on ``path`` (POSIX ``flock``; no lock where unavailable)."""
     with open(path, "a") as f:
         if fcntl is not None:
-            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log.info("%s: another run holds %s; waiting for it", what, path)
+                fcntl.flock(f, fcntl.LOCK_EX)
         try:
             yield
         finally:

@@ -267,6 +267,10 @@ SFT_E2E = "swiss_roll_sft_pg_fast"  # the end-to-end run: `make run`'s experimen
 # Released code on this machine class (specs): pretraining 0.28 s/epoch x 2000 epochs, then
 # fine-tuning 0.083 s per critic iteration x 79 iterations/epoch x 300 epochs.
 SFT_REFERENCE_S = 0.28 * 2000 + 0.083 * 79 * 300
+# Its sw_paper is 0.86 ± 0.09 after 200 epochs (specs), still above floor mean + sd (~0.75), so
+# its time to the floor lies between the 200- and the 300-epoch cost: the lower bound is the
+# conservative reference.
+SFT_REFERENCE_LOW_S = 0.28 * 2000 + 0.083 * 79 * 200
 SFT_EVERY = 790  # periodic evaluation interval of the end-to-end run (10 epochs)
 
 
@@ -448,12 +452,14 @@ def bench_sft_pg_e2e(tmp: Path) -> list[str]:
             f"(floor {statistics.mean(f):.4g} ± {statistics.stdev(f):.2g}; {len(v)} draws of 10K)"
         )
     lines += [
-        f"  {'reference (released code, specs)':<40} {SFT_REFERENCE_S:6.1f} s  "
-        "(pretraining 560 s + fine-tuning 300 epochs 1967 s)",
+        f"  {'reference (released code, specs)':<40} {SFT_REFERENCE_LOW_S:6.1f}-"
+        f"{SFT_REFERENCE_S:.1f} s  (pretraining 560 s + fine-tuning 200-300 epochs; at 200 "
+        "epochs it is still above the floor)",
         "",
         f"SFT-PG end to end: diffft {e2e:.1f} s (pretraining {pre_s[0]:.0f} s + fine-tuning "
-        f"{stop.elapsed:.0f} s), reference {SFT_REFERENCE_S:.0f} s, speed-up "
-        f"{SFT_REFERENCE_S / e2e:.1f}x (target >= 5x, i.e. <= 9 min; stretch <= 5 min)",
+        f"{stop.elapsed:.0f} s), reference >= {SFT_REFERENCE_LOW_S:.0f} s, speed-up >= "
+        f"{SFT_REFERENCE_LOW_S / e2e:.1f}x ({SFT_REFERENCE_S / e2e:.1f}x against the full "
+        "300-epoch recipe; target >= 5x, i.e. <= 9 min; stretch <= 5 min)",
     ]
     return lines
 

@@ -199,7 +199,11 @@ def write(out_file: Path, runs: Path, argv: list[str], quick: bool, skipped: int
     eg, eg_means = table(runs, "gauss")
     walls = {p.parent.name: float(p.read_text()) for p in sorted(runs.glob("*/wall_s.txt"))}
     n, draws = ("1K", 2) if quick else ("10K", 5)
-    steps = "200 steps (quick)" if quick else "swiss roll 20K steps, 8 gaussians 8K steps"
+    steps = (
+        "200 steps (quick)"
+        if quick
+        else "swiss roll 40K steps (Adam, cosine lr), 8 gaussians 8K steps"
+    )
     load_avg = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     git = ["git", "--no-optional-locks", "-C", str(ROOT)]  # read-only
     commit = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)

@@ -158,7 +158,7 @@ def pooled(runs: list[Run], pick: str, metrics: tuple[str, ...]) -> dict[str, li
 
 
 def table(rows: dict[str, dict[str, list[float]]], metrics: tuple[str, ...]) -> str:
-    """A markdown table; the verdict line compares every "SFT" row with the data floor."""
+    """A markdown table; a verdict line compares every fine-tuned row with the data floor."""
     lines = [
         "| model | " + " | ".join(LABELS[m] for m in metrics) + " |",
         "|---|" + "---|" * len(metrics),
@@ -167,7 +167,7 @@ def table(rows: dict[str, dict[str, list[float]]], metrics: tuple[str, ...]) -> 
         lines.append(f"| {name} | " + " | ".join(cell(vals[m]) for m in metrics) + " |")
     floor, verdicts = rows["data floor"], []
     for name, vals in rows.items():
-        if not name.startswith("SFT"):
+        if name.startswith("DDPM") or name in ("data floor", MEMORISER):
             continue
         for m in metrics:
             if vals[m] and floor[m]:
@@ -204,9 +204,13 @@ def estimator_table() -> str:
     for method, label in ESTIMATORS.items():
         done = [r for r in (fast(10, s, method) for s in SEEDS) if summary(r)]
         if done:
-            rows[f"SFT {label} ({len(done)} seeds)"] = pooled(done, "S", m)
-            rows["data floor"] = pooled(done, "data floor", m)
-    return table(rows, m) if rows else "not run yet.\n"
+            rows[f"{label} ({len(done)} seeds)"] = pooled(done, "S", m)
+            floor = pooled(done, "data floor", m)
+    if not rows:
+        return "not run yet.\n"
+    rows["data floor"] = floor
+    rows[MEMORISER] = {k: v for k, v in MEMO["swiss_roll"].items() if k in m}
+    return table(rows, m)
 
 
 def gauss_table() -> str:

@@ -1,5 +1,6 @@
 """Compose-and-run tests for the real configs, and short end-to-end DDPM runs."""
 
+import copy
 import csv
 import json
 import time
@@ -102,13 +103,22 @@ def test_sample_cli_writes_plain_array(make_cfg, tmp_path):
         sample_checkpoint(str(tmp_path / "missing.ckpt"), n=5)
 
 
-def test_cosine_lr_schedule_decays_to_zero_and_bad_name_fails(make_cfg):
+def test_cosine_lr_schedule_decays_to_zero_and_bad_name_fails(make_cfg, tmp_path):
     cfg = make_cfg("experiment=swiss_roll_ddpm", "debug=fast", "trainer.max_steps=8")
     assert cfg.method.lr_schedule == "cosine"
     train(cfg)
     ckpt = torch.load(Path(cfg.paths.output_dir) / "checkpoints/last.ckpt", weights_only=False)
     (sched,) = ckpt["lr_schedulers"]
     assert sched["T_max"] == 8 and sched["_last_lr"][0] < 1e-6 * cfg.method.optimizer.lr
+    resumed = make_cfg(
+        "experiment=swiss_roll_ddpm",
+        "debug=fast",
+        "trainer.max_steps=12",
+        f"ckpt_path={Path(cfg.paths.output_dir) / 'checkpoints/last.ckpt'}",
+        f"paths.output_dir={tmp_path}/longer",
+    )
+    with pytest.warns(UserWarning, match="decays over 8 steps but this run has 12"):
+        train(resumed)
     with pytest.raises(Exception, match="method.lr_schedule='linear'"):
         train(make_cfg("debug=fast", "method.lr_schedule=linear"))
 
@@ -127,6 +137,10 @@ def test_parallel_runs_train_a_cached_stage_once(make_cfg, monkeypatch):
         ckpt.write_text("weights")
 
     monkeypatch.setattr(dtrain, "train", slow_fake_train)
+    # Compose once here: Hydra's global state is not meant to be used from two threads.
+    overrides = [*cfg.pretrain.overrides, "debug=fast", "paths.output_dir=unset"]
+    stage_cfg = dtrain.compose("train", overrides=overrides)
+    monkeypatch.setattr(dtrain, "compose", lambda **kw: copy.deepcopy(stage_cfg))
     with ThreadPoolExecutor(2) as pool:
         stage = lambda _: dtrain.cached_stage(cfg, list(cfg.pretrain.overrides))  # noqa: E731
         paths = list(pool.map(stage, range(2)))

@@ -44,8 +44,11 @@ class PeriodicEvaluation(L.Callback):
             pl_module.log_dict(logs, prog_bar=True, logger=False)
             step = trainer.fit_loop.epoch_loop._batches_that_stepped
             row = {**logs, "time/train_s": self.elapsed, "time/batches": float(self.batches)}
-            for logger in trainer.loggers:
-                logger.log_metrics(row, step=step)
+            # (When every_n_batches is a multiple of log_every_n_steps, metrics.csv has a loss row
+            # and an eval row with the same step.)
+            if trainer.is_global_zero:
+                for logger in trainer.loggers:
+                    logger.log_metrics(row, step=step)
             self._start = time.perf_counter()
 
     def state_dict(self) -> dict[str, float]:

@@ -89,7 +89,8 @@ class InMemoryBatches(IterableDataset):
     """Shuffled index-slice batches of one in-memory tensor; a new permutation every epoch.
 
     The permutation is seeded by ``(seed, epoch)``; ``epoch_fn`` (the trainer's epoch) makes a
-    resumed run see the same data order as an uninterrupted one. Without it, iterations are
+    run resumed from an end-of-epoch checkpoint see the same data order as an uninterrupted one
+    (one resumed mid-epoch restarts that epoch's permutation). Without it, iterations are
     counted. Under DDP each rank takes every ``world_size``-th index of the same permutation.
     """
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.utilities import rank_zero_warn
 
 from diffft.diffusion.chain import GaussianChain
 from diffft.diffusion.forward import denoising_loss
@@ -82,6 +83,18 @@ class DDPM(SamplerMethod):
             )
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_train_start(self) -> None:
+        if self.hparams.lr_schedule != "cosine":
+            return
+        sched, total = self.lr_schedulers(), int(self.trainer.estimated_stepping_batches)
+        if sched.T_max != total:  # restored from a checkpoint of a run with another length
+            rank_zero_warn(
+                f"method.lr_schedule=cosine: the resumed schedule decays over {sched.T_max} steps "
+                f"but this run has {total}; the learning rate follows the old schedule (and "
+                "rises again after it). Resume with the original trainer.max_steps, or fine-tune "
+                "from the checkpoint with a new run instead."
+            )
 
     def short_chain(
         self, steps: int, subsample_kind: str = "none", **sampler: Any

@@ -24,11 +24,18 @@ its first generator step comes after 4 critic iterations and then every 5 (here 
 ``n_critic``); generator steps use one minibatch of 128 of the ~6,400 buffered transitions
 (``generator_batch: 128``, the default, so the published numbers are reproduced; ``all`` uses
 the whole buffer in one lower-variance step).
+
+Differences from the paper, kept from the released code: Eq. 20 and 21 *sum* over the T'
+transitions of a trajectory; here (as in the release) the policy-gradient loss and R_B are
+*means* over transitions, so the generator gradient (and what ``grad_clip`` gamma clips) is
+T' times smaller and ``baseline_reg`` weighs R_B like lambda / T' of Eq. 23. The toy networks
+and batch (width 256, batch 128) are the release's; the paper's text says batch 64 and width 128.
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
 from typing import Any
 
 import torch
@@ -118,7 +125,8 @@ class SFTPG(SamplerMethod):
                 )
             self.hparams["ddpm"] = dict(ddpm.hparams)
         else:  # rebuilt from this method's own checkpoint: weights come from its state_dict
-            ddpm = DDPM(**ddpm_hparams)
+            known = inspect.signature(DDPM.__init__).parameters  # keys of older versions drop
+            ddpm = DDPM(**{k: v for k, v in ddpm_hparams.items() if k in known})
         return ddpm.short_chain(sampler.pop("steps"), sampler.pop("subsample", "none"), **sampler)
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
