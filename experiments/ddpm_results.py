@@ -102,7 +102,8 @@ def cell(values: list[float] | None) -> str:
         return "–"
     a = np.asarray(values, dtype=float)
     sd = a.std(ddof=1) if a.size > 1 else 0.0
-    return f"{a.mean():.3f} ± {sd:.3f}"
+    digits = 5 if abs(a.mean()) < 0.1 else 3  # sw is ~0.005: keep 2-3 significant digits
+    return f"{a.mean():.{digits}f} ± {sd:.{digits}f}"
 
 
 def load(runs: Path, row: Row) -> tuple[dict[str, list[float]], dict[str, list[float]]] | None:

@@ -33,6 +33,15 @@ def test_every_experiment_composes_and_runs(experiment, make_cfg):
         assert (out / name).is_file(), name
     floor = rows["data floor"]
     assert all(len(v) == cfg.eval.draws for v in floor.values())
+    # Extra rows of cached stages carry the numbers of the stage's own summary (it evaluated
+    # with this run's settings).
+    stage_rows = [
+        next(v for k, v in json.loads(p.read_text()).items() if k != "data floor")
+        for p in Path(cfg.paths.cache_dir, "pretrain").glob("*/summary.json")
+    ]
+    for name, overrides in (cfg.eval.get("compare") or {}).items():
+        if overrides is not None:
+            assert rows[name] in stage_rows, name
 
 
 def test_short_ddpm_run_lowers_the_metric(make_cfg):
@@ -54,7 +63,10 @@ def test_short_ddpm_run_lowers_the_metric(make_cfg):
 
 def test_resume_continues_step_count_and_writes_summary(make_cfg, tmp_path):
     common = ["experiment=swiss_roll_ddpm", "debug=fast", "eval.every_n_batches=5"]
-    cfg = make_cfg(*common, "trainer.max_steps=10")
+    # Checkpoints every 7 steps: last.ckpt must still hold the end of training (step 10).
+    cfg = make_cfg(
+        *common, "trainer.max_steps=10", "callbacks.model_checkpoint.every_n_train_steps=7"
+    )
     train(cfg)
     last = Path(cfg.paths.output_dir) / "checkpoints/last.ckpt"
     assert torch.load(last, weights_only=False)["global_step"] == 10
