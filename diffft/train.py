@@ -14,6 +14,8 @@ import hashlib
 import json
 import logging
 import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -39,7 +41,16 @@ from diffft.plots import scatter_samples
 log = logging.getLogger("diffft")
 
 # Keys that do not change what a pretraining run produces (left out of its cache key).
-_NOT_IN_CACHE_KEY = ("paths", "logger", "callbacks", "task_name", "eval", "ckpt_path", "hydra")
+_NOT_IN_CACHE_KEY = (
+    "paths",
+    "logger",
+    "callbacks",
+    "task_name",
+    "eval",
+    "ckpt_path",
+    "hydra",
+    "progress_refresh_rate",
+)
 
 
 def pretrain_key(cfg: DictConfig) -> str:
@@ -150,6 +161,7 @@ def train(cfg: DictConfig) -> dict[str, dict[str, list[float]]]:
         cache_dir=cfg.paths.cache_dir,
     )
     trainer = build_trainer(cfg, evaluator)
+    background = start_compare_stages(cfg) if trainer.global_rank == 0 else []
     trainer.fit(method, datamodule, ckpt_path=cfg.get("ckpt_path"))
     if trainer.checkpoint_callbacks:
         # ModelCheckpoint(save_last=True) rewrites last.ckpt only when it saves a new best one;
@@ -157,7 +169,11 @@ def train(cfg: DictConfig) -> dict[str, dict[str, list[float]]]:
         trainer.save_checkpoint(out / "checkpoints" / "last.ckpt")
     if trainer.global_rank != 0:
         return {}
-    return report(cfg, method, datamodule, evaluator, out)
+    try:
+        return report(cfg, method, datamodule, evaluator, out)
+    finally:
+        for proc in background:  # normally finished: report() waited for their stage locks
+            proc.wait()
 
 
 def report(
@@ -169,16 +185,9 @@ def report(
     samplers = dict(method.samplers())
     # Extra rows: other models (e.g. the full-chain DDPM, a strong-schedule baseline), each
     # trained once by its own cached stage. A null entry removes a row an experiment inherited.
-    # The stage is evaluated with this run's settings (eval keys are not part of its cache key),
-    # so its own summary gives the row without sampling the (e.g. 1000-step) chain again.
-    ev = cfg.eval
-    same_eval = [f"eval.{k}={ev[k]}" for k in _EVAL_KEYS[:-1]]
-    same_eval.append(f"eval.metrics=[{','.join(ev.metrics)}]")
     rows: dict[str, dict[str, list[float]]] = {}
-    for name, overrides in (cfg.eval.get("compare") or {}).items():
-        if overrides is None:
-            continue
-        ckpt = cached_stage(cfg, [*overrides, *same_eval])
+    for name, overrides in compare_stages(cfg).items():
+        ckpt = cached_stage(cfg, overrides)
         other = load_method(ckpt)
         samplers[name] = other.eval().eval_chain.to(method.device)
         reused = _stage_row(Path(ckpt).parents[1], cfg)
@@ -206,6 +215,39 @@ def report(
 
 
 _EVAL_KEYS = ("n", "draws", "seed", "w2_points", "metrics")
+
+
+def compare_stages(cfg: DictConfig) -> dict[str, list[str]]:
+    """``{row name: overrides}`` of the ``eval.compare`` stages. Each is evaluated with this
+    run's settings (eval keys are not part of its cache key), so its own summary gives the row
+    without sampling the (e.g. 1000-step) chain again."""
+    ev = cfg.eval
+    same_eval = [f"eval.{k}={ev[k]}" for k in _EVAL_KEYS[:-1]]
+    same_eval.append(f"eval.metrics=[{','.join(ev.metrics)}]")
+    compare = ev.get("compare") or {}
+    return {name: [*ov, *same_eval] for name, ov in compare.items() if ov is not None}
+
+
+def start_compare_stages(cfg: DictConfig) -> list[subprocess.Popen]:
+    """Train the ``eval.compare`` stages that are not cached yet in background processes (one
+    thread each) while this run trains: on a 2-core machine the T=1000 DDPM of ``make run`` then
+    costs no wall time. ``report`` waits for them on the stage lock (and trains a stage itself if
+    its process failed). Off with ``eval.compare_in_background=false``."""
+    if not cfg.eval.get("compare_in_background", False):
+        return []
+    stages = list(compare_stages(cfg).values())
+    if not stages:
+        return []
+    out = Path(cfg.paths.output_dir)
+    procs = []
+    for i, overrides in enumerate(stages):
+        # config.yaml: this run's resolved config, written by train() (cache dir, debug, threads)
+        cmd = [sys.executable, "-m", "diffft.train_stage", str(out / "config.yaml"), *overrides]
+        path = out / f"compare_stage_{i}.log"
+        with open(path, "w") as f:
+            procs.append(subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT))
+        log.info("compare stage %s: training in the background (log %s)", overrides, path)
+    return procs
 
 
 def _stage_row(stage_dir: Path, cfg: DictConfig) -> dict[str, list[float]] | None:

@@ -157,3 +157,17 @@ def test_parallel_runs_train_a_cached_stage_once(make_cfg, monkeypatch):
         stage = lambda _: dtrain.cached_stage(cfg, list(cfg.pretrain.overrides))  # noqa: E731
         paths = list(pool.map(stage, range(2)))
     assert len(calls) == 1 and paths[0] == paths[1]
+
+
+def test_compare_stages_train_in_the_background(make_cfg):
+    cfg = make_cfg(
+        "experiment=swiss_roll_sft_pg_fast", "debug=fast", "eval.compare_in_background=true"
+    )
+    rows = train(cfg)
+    out = Path(cfg.paths.output_dir)
+    (name,) = [k for k, v in cfg.eval.compare.items() if v is not None]
+    assert name in rows and all(len(v) == cfg.eval.draws for v in rows[name].values())
+    # The background process ended well: it trained the stage, or reused it if this run got
+    # to the stage lock first; either way it printed the stage's checkpoint.
+    ckpt = (out / "compare_stage_0.log").read_text().strip().splitlines()[-1]
+    assert ckpt.endswith("last.ckpt") and (Path(ckpt).parents[1] / "done").is_file()
