@@ -31,6 +31,7 @@ import torch
 from hydra import compose
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from diffft.callbacks.evaluation import PeriodicEvaluation
@@ -135,6 +136,8 @@ def train(cfg: DictConfig) -> dict[str, dict[str, list[float]]]:
     out.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, out / "config.yaml", resolve=True)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
+    # Before the pretraining stage, so that both stages train at once on two cores.
+    background = start_compare_stages(cfg) if rank_zero_only.rank == 0 else []
 
     method_kwargs: dict[str, Any] = {}
     if "init_from" in cfg.method and not cfg.method.init_from:
@@ -161,7 +164,6 @@ def train(cfg: DictConfig) -> dict[str, dict[str, list[float]]]:
         cache_dir=cfg.paths.cache_dir,
     )
     trainer = build_trainer(cfg, evaluator)
-    background = start_compare_stages(cfg) if trainer.global_rank == 0 else []
     trainer.fit(method, datamodule, ckpt_path=cfg.get("ckpt_path"))
     if trainer.checkpoint_callbacks:
         # ModelCheckpoint(save_last=True) rewrites last.ckpt only when it saves a new best one;
