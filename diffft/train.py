@@ -69,19 +69,13 @@ def cached_stage(cfg: DictConfig, overrides: list[str]) -> str:
     Runs are cached under ``paths.cache_dir`` by a hash of their resolved config, so a second
     fine-tuning run (or a sweep over fine-tuning seeds) reuses the same pretrained model.
     """
-    if any(o.startswith("paths.") for o in overrides):
-        raise ValueError(f"cached stage {overrides}: must not set paths.* (it is cached by config)")
-    if cfg.pretrain.debug:
-        overrides = [*overrides, f"debug={cfg.pretrain.debug}"]
-    pre = compose(config_name="train", overrides=[*overrides, "paths.output_dir=unset"])
-    key = pretrain_key(pre)
-    out = Path(cfg.paths.cache_dir) / "pretrain" / f"{pre.task_name}-{key}"
+    pre, key, out = _stage(cfg, overrides)
     ckpt = out / "checkpoints" / "last.ckpt"
     out.parent.mkdir(parents=True, exist_ok=True)
     # Runs in parallel (a sweep, the results scripts) that need the same stage train it once:
     # the first takes the lock and trains, the others wait for it and reuse its checkpoint.
     with _file_lock(out.parent / f"{out.name}.lock", f"cached stage {overrides}"):
-        if (out / "done").is_file() and ckpt.is_file():
+        if _is_cached(out):
             log.info("cached stage %s: reusing %s", overrides, ckpt)
             return str(ckpt)
         log.info("cached stage %s: no cached checkpoint, training into %s", overrides, out)
@@ -95,6 +89,21 @@ def cached_stage(cfg: DictConfig, overrides: list[str]) -> str:
         train(pre)
         (out / "done").write_text(key)
     return str(ckpt)
+
+
+def _stage(cfg: DictConfig, overrides: list[str]) -> tuple[DictConfig, str, Path]:
+    """The composed config of the stage ``overrides`` describe, its cache key and directory."""
+    if any(o.startswith("paths.") for o in overrides):
+        raise ValueError(f"cached stage {overrides}: must not set paths.* (it is cached by config)")
+    if cfg.pretrain.debug:
+        overrides = [*overrides, f"debug={cfg.pretrain.debug}"]
+    pre = compose(config_name="train", overrides=[*overrides, "paths.output_dir=unset"])
+    key = pretrain_key(pre)
+    return pre, key, Path(cfg.paths.cache_dir) / "pretrain" / f"{pre.task_name}-{key}"
+
+
+def _is_cached(stage_dir: Path) -> bool:
+    return (stage_dir / "done").is_file() and (stage_dir / "checkpoints/last.ckpt").is_file()
 
 
 @contextlib.contextmanager
@@ -235,9 +244,9 @@ def start_compare_stages(cfg: DictConfig) -> list[subprocess.Popen]:
     thread each) while this run trains: on a 2-core machine the T=1000 DDPM of ``make run`` then
     costs no wall time. ``report`` waits for them on the stage lock (and trains a stage itself if
     its process failed). Off with ``eval.compare_in_background=false``."""
-    if not cfg.eval.get("compare_in_background", False):
+    if not cfg.eval.compare_in_background:
         return []
-    stages = list(compare_stages(cfg).values())
+    stages = [ov for ov in compare_stages(cfg).values() if not _is_cached(_stage(cfg, ov)[2])]
     if not stages:
         return []
     out = Path(cfg.paths.output_dir)

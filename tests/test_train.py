@@ -159,10 +159,9 @@ def test_parallel_runs_train_a_cached_stage_once(make_cfg, monkeypatch):
     assert len(calls) == 1 and paths[0] == paths[1]
 
 
-def test_compare_stages_train_in_the_background(make_cfg):
-    cfg = make_cfg(
-        "experiment=swiss_roll_sft_pg_fast", "debug=fast", "eval.compare_in_background=true"
-    )
+def test_compare_stages_train_in_the_background(make_cfg, tmp_path):
+    common = ["experiment=swiss_roll_sft_pg_fast", "debug=fast", "eval.compare_in_background=true"]
+    cfg = make_cfg(*common)
     rows = train(cfg)
     out = Path(cfg.paths.output_dir)
     (name,) = [k for k, v in cfg.eval.compare.items() if v is not None]
@@ -171,3 +170,7 @@ def test_compare_stages_train_in_the_background(make_cfg):
     # to the stage lock first; either way it printed the stage's checkpoint.
     ckpt = (out / "compare_stage_0.log").read_text().strip().splitlines()[-1]
     assert ckpt.endswith("last.ckpt") and (Path(ckpt).parents[1] / "done").is_file()
+    # Once the stage is cached, no background process is started for it.
+    again = make_cfg(*common, f"paths.output_dir={tmp_path}/again")
+    assert name in train(again)
+    assert not (tmp_path / "again/compare_stage_0.log").exists()
