@@ -133,7 +133,7 @@ def build_trainer(cfg: DictConfig, evaluator: Evaluator) -> L.Trainer:
     callbacks += [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
     if cfg.trainer.get("enable_progress_bar", True):
         # Redrawn every batch, tqdm costs ~0.4 ms of a 2 ms toy step.
-        callbacks.append(TQDMProgressBar(refresh_rate=cfg.get("progress_refresh_rate", 25)))
+        callbacks.append(TQDMProgressBar(refresh_rate=cfg.progress_refresh_rate))
     logger = instantiate(cfg.logger) if cfg.get("logger") else False
     return instantiate(cfg.trainer, callbacks=callbacks, logger=logger, default_root_dir=out)
 
@@ -196,17 +196,13 @@ def report(
     samplers = dict(method.samplers())
     # Extra rows: other models (e.g. the full-chain DDPM, a strong-schedule baseline), each
     # trained once by its own cached stage. A null entry removes a row an experiment inherited.
-    rows: dict[str, dict[str, list[float]]] = {}
+    stage_rows: dict[str, dict[str, list[float]] | None] = {}
     for name, overrides in compare_stages(cfg).items():
         ckpt = cached_stage(cfg, overrides)
-        other = load_method(ckpt)
-        samplers[name] = other.eval().eval_chain.to(method.device)
-        reused = _stage_row(Path(ckpt).parents[1], cfg)
-        if reused is not None:
-            rows[name] = reused
+        samplers[name] = load_method(ckpt).eval().eval_chain.to(method.device)
+        stage_rows[name] = _stage_row(Path(ckpt).parents[1], cfg)
     rows = {
-        name: rows[name] if name in rows else evaluator.evaluate(chain)
-        for name, chain in samplers.items()
+        name: stage_rows.get(name) or evaluator.evaluate(chain) for name, chain in samplers.items()
     }
     rows["data floor"] = evaluator.floor()
     references = OmegaConf.to_container(cfg.eval.references, resolve=True) or {}
