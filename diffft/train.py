@@ -171,6 +171,7 @@ def train(cfg: DictConfig) -> dict[str, dict[str, list[float]]]:
         seed=cfg.eval.seed,
         w2_points=cfg.eval.w2_points,
         cache_dir=cfg.paths.cache_dir,
+        floor_draws=cfg.eval.floor_draws,
     )
     trainer = build_trainer(cfg, evaluator)
     trainer.fit(method, datamodule, ckpt_path=cfg.get("ckpt_path"))
@@ -209,7 +210,8 @@ def report(
     table = format_table(rows, evaluator.metrics, references)
     header = (
         f"{cfg.task_name}: {evaluator.draws} draws of {evaluator.n} samples, mean ± sd; "
-        f"'data floor' = the same metric between independent real samples of the same size"
+        f"'data floor' = the same metric between independent real samples of the same size "
+        f"({evaluator.floor_draws} draws)"
     )
     (out / "summary.md").write_text(header + "\n\n" + table + "\n")
     (out / "summary.json").write_text(json.dumps(rows, indent=1))

@@ -400,7 +400,12 @@ def bench_sft_pg_e2e(tmp: Path) -> list[str]:
     datamodule = instantiate(cfg.dataset)
     datamodule.setup("fit")
     floor = Evaluator(
-        datamodule, ["sw_paper"], n=cfg.eval.n, draws=cfg.eval.draws, seed=cfg.eval.seed
+        datamodule,
+        ["sw_paper"],
+        n=cfg.eval.n,
+        draws=cfg.eval.draws,
+        seed=cfg.eval.seed,
+        floor_draws=cfg.eval.floor_draws,
     ).floor()["sw_paper"]
     target = statistics.mean(floor) + statistics.stdev(floor)
     stop = StopAtQuality(target, SFT_EVERY)
@@ -449,7 +454,8 @@ def bench_sft_pg_e2e(tmp: Path) -> list[str]:
         f = rows["data floor"][m]
         lines.append(
             f"  final {m:<10} {statistics.mean(v):.4g} ± {statistics.stdev(v):.2g} "
-            f"(floor {statistics.mean(f):.4g} ± {statistics.stdev(f):.2g}; {len(v)} draws of 10K)"
+            f"({len(v)} draws of 10K; floor {statistics.mean(f):.4g} ± {statistics.stdev(f):.2g}, "
+            f"{len(f)} draws)"
         )
     lines += [
         f"  {'reference (released code, specs)':<40} {SFT_REFERENCE_LOW_S:6.1f}-"
