@@ -251,7 +251,8 @@ machine: {platform.platform()}, {os.cpu_count()} CPU cores shared with other wor
 {load_avg} at the end), CPU only, threads=1, runs niced. Total wall time (sum over rows, \
 sequential): {sum(walls.values()) / 60:.1f} min{reused}. Per row (s): {per_row}.
 
-Each cell: mean ± sd over {draws} evaluation draws of {n} samples (sd with ddof=1). Training
+Each cell: mean ± sd over {draws} evaluation draws of {n} samples (sd with ddof=1; the data
+floor: `eval.floor_draws` draws, see `diffft/evaluation.py` for why more). Training
 length is the experiment default ({steps}), the same for every row; the final EMA weights
 (decay 0.999) are evaluated. `paper setup` = sigmoid betas 1e-5..1e-2 with T steps used
 directly; `cosine` = the strong baseline: the same T-step DDPM with the cosine schedule (ends
