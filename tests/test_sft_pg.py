@@ -72,3 +72,24 @@ def test_checkpoint_restores_three_optimisers_counters_and_buffer(make_cfg, tmp_
     method = load_method(str(tmp_path / "resumed/checkpoints/last.ckpt"))
     assert method.chain.steps == 10
     assert method.eval_chain.sample(5).shape == (5, 2)
+
+
+def test_learned_sigma_is_trained_by_the_policy_gradient_and_reloads(make_cfg):
+    cfg = make_cfg(
+        "experiment=swiss_roll_sft_pg",
+        "debug=fast",
+        "method.sampler.learn_sigma=true",
+        "method.sampler.steps=4",
+        "method.lr.generator=1e-2",
+        "trainer.max_epochs=-1",
+        "trainer.max_steps=20",  # 2 generator phases
+        "~eval.compare",
+    )
+    train(cfg)
+    method = load_method(str(Path(cfg.paths.output_dir) / "checkpoints/last.ckpt"))
+    fixed = method.init_chain.fixed_sigma[1:]
+    assert torch.allclose(method.init_chain.log_sigma.exp()[1:], fixed)  # the "before" row
+    for chain in (method.chain, method.eval_chain):  # the sampler and its EMA
+        learned = chain.log_sigma.exp()[1:]
+        assert not torch.allclose(learned, fixed), (learned, fixed)
+    assert method.eval_chain.sample(5).shape == (5, 2)
