@@ -25,7 +25,9 @@ from pathlib import Path
 import numpy as np
 from hydra import compose, initialize_config_module
 from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
 
+import diffft
 from diffft.evaluation import Evaluator
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,13 +80,21 @@ LABELS = {
     "w2": "w2 (exact W2, 2K pts, ×1e-2)",
 }
 FLOOR_REF = {"swiss": "–", "gauss": "≈ 0.045 ± 0.014"}
-DATASETS = {"swiss": "swiss_roll", "gauss": "eight_gaussians"}
 
 
-def evaluator(dataset: str, draws: int) -> Evaluator:
-    """The train config's evaluator for ``dataset`` with ``draws`` draws (floor: its own)."""
+# Run configs written before eval.floor_draws existed get the current default.
+FLOOR_DRAWS = OmegaConf.load(Path(diffft.__file__).parent / "conf" / "train.yaml").eval.floor_draws
+
+
+def train_config(dataset: str) -> DictConfig:
+    """The default train config on ``dataset``."""
     with initialize_config_module("diffft.conf", version_base="1.3"):
-        cfg = compose("train", overrides=[f"dataset={dataset}"])
+        return compose("train", overrides=[f"dataset={dataset}"])
+
+
+def evaluator(cfg: DictConfig, draws: int | None = None) -> Evaluator:
+    """The ``Evaluator`` of a config (a run's ``config.yaml`` or ``train_config``): its data,
+    eval settings and floor cache; ``draws`` replaces ``eval.draws``."""
     dm = instantiate(cfg.dataset)
     dm.setup()
     ev = cfg.eval
@@ -92,17 +102,12 @@ def evaluator(dataset: str, draws: int) -> Evaluator:
         dm,
         list(ev.metrics),
         n=ev.n,
-        draws=draws,
+        draws=draws or ev.draws,
         seed=ev.seed,
         w2_points=ev.w2_points,
         cache_dir=str(ROOT / cfg.paths.cache_dir),
-        floor_draws=ev.floor_draws,
+        floor_draws=ev.get("floor_draws") or FLOOR_DRAWS,
     )
-
-
-def floor(dataset: str) -> dict[str, list[float]]:
-    """The data floor of ``dataset`` with the train config's ``eval.floor_draws`` (cached)."""
-    return evaluator(dataset, 1).floor()
 
 
 def run_row(row: Row, runs: Path, extra: list[str], force: bool) -> float | None:
@@ -135,14 +140,14 @@ def cell(values: list[float] | None) -> str:
     return f"{a.mean():.{digits}f} ± {sd:.{digits}f}"
 
 
-def load(runs: Path, row: Row) -> tuple[dict[str, list[float]], dict[str, list[float]]] | None:
-    """(the model's row, the data floor) from a run's summary.json, or None if not there."""
+def load(runs: Path, row: Row) -> dict[str, list[float]] | None:
+    """The model's row from a run's summary.json, or None if not there."""
     path = runs / row.id / "summary.json"
     if not path.is_file():
         return None
     rows = json.loads(path.read_text())
     model = rows.get(f"DDPM T={row.steps}") or next(v for k, v in rows.items() if k != "data floor")
-    return model, rows["data floor"]
+    return model
 
 
 def table(runs: Path, name: str) -> tuple[str, dict[str, float]]:
@@ -151,23 +156,23 @@ def table(runs: Path, name: str) -> tuple[str, dict[str, float]]:
     head = ["model", *(LABELS[m] for m in metrics), "paper"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     means: dict[str, float] = {}
-    done = False
+    done: Row | None = None  # a row that has run: its config gives the floor's settings
     for row in (r for r in ROWS if r.table == name):
         kind = "paper setup (sigmoid 1e-5..1e-2)" if row.schedule == "sigmoid" else "cosine"
-        got = load(runs, row)
-        if got is None:
+        model = load(runs, row)
+        if model is None:
             lines.append(
                 f"| DDPM T={row.steps}, {kind} | "
                 + " | ".join(["not run"] * len(metrics))
                 + f" | {row.paper} |"
             )
             continue
-        model, done = got[0], True
+        done = row
         means[row.id] = float(np.mean(model[metrics[0]]))
         cells = [cell(model.get(m)) for m in metrics]
         lines.append(f"| DDPM T={row.steps}, {kind} | " + " | ".join(cells) + f" | {row.paper} |")
-    if done:  # the runs' own floors have eval.draws draws; this one eval.floor_draws
-        data_floor = floor(DATASETS[name])
+    if done is not None:  # the runs' own floors have eval.draws draws; this one floor_draws
+        data_floor = evaluator(OmegaConf.load(runs / done.id / "config.yaml")).floor()
         cells = [cell(data_floor.get(m)) for m in metrics]
         lines.append("| data floor | " + " | ".join(cells) + f" | {FLOOR_REF[name]} |")
     return "\n".join(lines), means

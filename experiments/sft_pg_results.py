@@ -29,14 +29,13 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from hydra.utils import instantiate  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 from diffft.evaluation import Evaluator  # noqa: E402
 from diffft.methods.base import load_method  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from ddpm_results import RESULTS, ROOT, cell, evaluator, floor, run_row  # noqa: E402
+from ddpm_results import RESULTS, ROOT, cell, evaluator, run_row, train_config  # noqa: E402
 
 RUNS = ROOT / "experiments" / "runs" / "sft_pg"
 SEEDS = (0, 1, 2)
@@ -150,13 +149,12 @@ def references(dataset: str, metrics: tuple[str, ...]) -> dict[str, dict[str, li
     return {row: {m: REFERENCE[dataset][row][m] for m in metrics} for row in REFERENCE[dataset]}
 
 
-def memoriser(dataset: str) -> dict[str, list[float]]:
+def memoriser(ev: Evaluator) -> dict[str, list[float]]:
     """Metrics of 10K points resampled with replacement from the training set (as many draws as
     the floor): what a sampler that reproduces the empirical training distribution exactly
     would score. Against the held-out test set (sw, w2) it adds the training sample's own
     deviation from the true distribution to the floor's; against the training set (sw_paper)
     it is below the floor."""
-    ev = evaluator(dataset, 1)
     out: dict[str, list[float]] = {m: [] for m in ev.metrics}
     for d in range(ev.floor_draws):
         g = torch.Generator().manual_seed(ev.seed + d)
@@ -179,16 +177,7 @@ def evaluate_run(run: Run) -> None:
     if out.is_file() or own is None:
         return
     torch.set_num_threads(1)
-    cfg = OmegaConf.load(RUNS / run.id / "config.yaml")
-    ev = Evaluator(
-        instantiate(cfg.dataset),
-        list(cfg.eval.metrics),
-        n=cfg.eval.n,
-        draws=EVAL_DRAWS,
-        seed=cfg.eval.seed,
-        w2_points=cfg.eval.w2_points,
-    )
-    ev.dm.setup()
+    ev = evaluator(OmegaConf.load(RUNS / run.id / "config.yaml"), EVAL_DRAWS)
     method = load_method(str(RUNS / run.id / "checkpoints" / "last.ckpt")).eval()
     rows = {name: ev.evaluate(chain) for name, chain in method.samplers().items()}
     for name, vals in rows.items():  # the first draws are the run's own evaluation
@@ -345,7 +334,8 @@ def main() -> None:
     with ProcessPoolExecutor(args.jobs) as pool:
         list(pool.map(evaluate_run, ROWS))
     for d in ("swiss_roll", "eight_gaussians"):
-        REFERENCE[d] = {"data floor": floor(d), MEMORISER: memoriser(d)}
+        ev = evaluator(train_config(d))
+        REFERENCE[d] = {"data floor": ev.floor(), MEMORISER: memoriser(ev)}
     floor_draws = len(REFERENCE["swiss_roll"]["data floor"]["sw"])
     curves(RESULTS / "sft_pg_fig4.png")
     body = [
