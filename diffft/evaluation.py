@@ -5,9 +5,10 @@ size (``datamodule.fresh`` vs the metric's reference split). It is computed once
 sample size, metric, floor draws) and cached as JSON.
 
 The floor is estimated from more draws (``floor_draws``) than a model's evaluation: single-draw
-values are skewed (swiss roll, sw, 100 draws: 0.0036 to 0.0123, mean 0.0068, sd 0.0018), and
-a few draws give an unreliable mean and a far too small sd (the first 3 draws: 0.0051 ± 0.0003),
-which is what "reaches the floor" (mean <= floor mean + one floor sd) is judged against.
+values are skewed (swiss roll, sw, 100 draws: 0.0035 to 0.0123, mean 0.0068, sd 0.0018; see
+``experiments/floor_draws.py``), and a few draws give an unreliable mean and a far too small sd
+(the first 3 draws: 0.0051 ± 0.0004), which is what "reaches the floor" (mean <= floor mean +
+one floor sd) is judged against.
 """
 
 from __future__ import annotations

@@ -345,7 +345,7 @@ def main() -> None:
         f"Cells: mean ± sd over seeds × evaluation draws ({EVAL_DRAWS} draws of 10K samples per "
         "run, from its final checkpoint); data floor: "
         f"{floor_draws} draws (single draws of these metrics are skewed; 3 draws, as in "
-        "earlier versions of this table, gave sw 0.0051 ± 0.0003 instead of the 0.0068 ± 0.0018 "
+        "earlier versions of this table, gave sw 0.0051 ± 0.0004 instead of the 0.0068 ± 0.0018 "
         "of 100 draws). 'Reaches the floor' = mean ≤ floor mean + one floor sd. "
         f"The last row of each table, a resample of the 10K training points ({floor_draws} "
         "draws), is what "
