@@ -104,11 +104,16 @@ class Evaluator:
         """Metric values per draw for samples of ``chain``."""
         out: dict[str, list[float]] = {m: [] for m in self.metrics}
         device = next(iter(chain.buffers())).device
-        for d in range(draws or self.draws):
-            g = torch.Generator(device=device).manual_seed(self.seed + d)
-            x = chain.sample(self.n, generator=g)
-            for name in self.metrics:
-                out[name].append(self._score(name, x, d))
+        training = chain.training
+        chain.eval()  # dropout / normalisation layers sample as they will be used
+        try:
+            for d in range(draws or self.draws):
+                g = torch.Generator(device=device).manual_seed(self.seed + d)
+                x = chain.sample(self.n, generator=g)
+                for name in self.metrics:
+                    out[name].append(self._score(name, x, d))
+        finally:
+            chain.train(training)
         return out
 
     def floor(self) -> dict[str, list[float]]:
@@ -135,12 +140,8 @@ class Evaluator:
         return out
 
     def _cache_key(self, name: str) -> str:
-        dm = self.dm
-        ident = [dm.name, dm.path, dm.n_train, dm.n_test, dm.seed, dm.test_fraction]
-        ident += [name, self._points(name), self.floor_draws]
-        if dm.path:
-            ident.append(Path(dm.path).stat().st_mtime_ns)
-        return f"{dm.name}-{name}-" + hashlib.sha1(repr(ident).encode()).hexdigest()[:12]
+        ident = [sorted(self.dm.identity().items()), name, self._points(name), self.floor_draws]
+        return f"{self.dm.name}-{name}-" + hashlib.sha1(repr(ident).encode()).hexdigest()[:12]
 
 
 def format_table(

@@ -33,7 +33,7 @@ def sample_checkpoint(
     return x.cpu().numpy().astype(np.float32)
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="sample")
+@hydra.main(version_base="1.3", config_path="pkg://diffft.conf", config_name="sample")
 def main(cfg: DictConfig) -> None:
     torch.set_num_threads(cfg.threads)
     x = sample_checkpoint(cfg.ckpt, cfg.n, cfg.steps, cfg.subsample, cfg.seed)

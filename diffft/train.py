@@ -9,26 +9,16 @@ summary table. Writes into ``paths.output_dir``: ``config.yaml`` (resolved), ``c
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
 import logging
-import shutil
-import subprocess
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-
-try:
-    import fcntl
-except ImportError:  # Windows
-    fcntl = None  # type: ignore[assignment]
 
 import hydra
 import lightning as L
 import torch
-from hydra import compose
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.utilities import rank_zero_only
@@ -38,89 +28,40 @@ from diffft.callbacks.evaluation import PeriodicEvaluation
 from diffft.evaluation import Evaluator, format_table
 from diffft.methods.base import load_method
 from diffft.plots import scatter_samples
+from diffft.stages import (
+    cached_stage,
+    compare_stages,
+    data_identity,
+    describe_data,
+    stage_row,
+    start_compare_stages,
+)
 
 log = logging.getLogger("diffft")
 
-# Keys that do not change what a pretraining run produces (left out of its cache key).
-_NOT_IN_CACHE_KEY = (
-    "paths",
-    "logger",
-    "callbacks",
-    "task_name",
-    "eval",
-    "ckpt_path",
-    "hydra",
-    "progress_refresh_rate",
-)
+
+def resolve_data(cfg: DictConfig) -> Any:
+    """Build the run's datamodule and write what the data decide back into ``cfg``: the
+    dimension (``dataset.dim=null`` takes a points file's column count) and the absolute path of
+    a points file, so the saved config and every stage name the same data from any directory."""
+    with open_dict(cfg):
+        if cfg.dataset.get("path"):
+            cfg.dataset.path = str(Path(cfg.dataset.path).expanduser().resolve())
+        datamodule = instantiate(cfg.dataset)
+        datamodule.setup("fit")
+        cfg.dataset.dim = datamodule.dim
+    return datamodule
 
 
-def pretrain_key(cfg: DictConfig) -> str:
-    """A short hash of the resolved config, without output/logging keys."""
-    c = OmegaConf.to_container(cfg, resolve=True)
-    for k in _NOT_IN_CACHE_KEY:
-        c.pop(k, None)
-    c.get("trainer", {}).pop("enable_progress_bar", None)
-    return hashlib.sha1(json.dumps(c, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def cached_stage(cfg: DictConfig, overrides: list[str]) -> str:
-    """Train the run that ``overrides`` compose to (or reuse it) and return its ``last.ckpt``.
-
-    Runs are cached under ``paths.cache_dir`` by a hash of their resolved config, so a second
-    fine-tuning run (or a sweep over fine-tuning seeds) reuses the same pretrained model.
-    """
-    pre, key, out = _stage(cfg, overrides)
-    ckpt = out / "checkpoints" / "last.ckpt"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # Runs in parallel (a sweep, the results scripts) that need the same stage train it once:
-    # the first takes the lock and trains, the others wait for it and reuse its checkpoint.
-    with _file_lock(out.parent / f"{out.name}.lock", f"cached stage {overrides}"):
-        if _is_cached(out):
-            log.info("cached stage %s: reusing %s", overrides, ckpt)
-            return str(ckpt)
-        log.info("cached stage %s: no cached checkpoint, training into %s", overrides, out)
-        if out.exists():  # an interrupted earlier attempt: Lightning would not overwrite its ckpt
-            shutil.rmtree(out)
-        with open_dict(pre):
-            pre.paths.output_dir = str(out)
-            pre.paths.cache_dir = cfg.paths.cache_dir
-            pre.threads = cfg.threads
-            pre.trainer.enable_progress_bar = cfg.trainer.enable_progress_bar
-        train(pre)
-        (out / "done").write_text(key)
-    return str(ckpt)
-
-
-def _stage(cfg: DictConfig, overrides: list[str]) -> tuple[DictConfig, str, Path]:
-    """The composed config of the stage ``overrides`` describe, its cache key and directory."""
-    if any(o.startswith("paths.") for o in overrides):
-        raise ValueError(f"cached stage {overrides}: must not set paths.* (it is cached by config)")
-    if cfg.pretrain.debug:
-        overrides = [*overrides, f"debug={cfg.pretrain.debug}"]
-    pre = compose(config_name="train", overrides=[*overrides, "paths.output_dir=unset"])
-    key = pretrain_key(pre)
-    return pre, key, Path(cfg.paths.cache_dir) / "pretrain" / f"{pre.task_name}-{key}"
-
-
-def _is_cached(stage_dir: Path) -> bool:
-    return (stage_dir / "done").is_file() and (stage_dir / "checkpoints/last.ckpt").is_file()
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path, what: str) -> Iterator[None]:
-    """An exclusive advisory lock on ``path`` (POSIX ``flock``; no lock where unavailable)."""
-    with open(path, "a") as f:
-        if fcntl is not None:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                log.info("%s: another run holds %s; waiting for it", what, path)
-                fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            if fcntl is not None:
-                fcntl.flock(f, fcntl.LOCK_UN)
+def check_init_data(method: Any, datamodule: Any) -> None:
+    """Warn (one line) when the model a method starts from was trained on other data."""
+    init = getattr(method, "init_data", None)
+    if init is not None and init != datamodule.identity():
+        log.warning(
+            "method.init_from: its DDPM was trained on %s, but this run's data are %s",
+            describe_data(init),
+            describe_data(datamodule.identity()),
+        )
 
 
 def build_trainer(cfg: DictConfig, evaluator: Evaluator) -> L.Trainer:
@@ -142,6 +83,7 @@ def train(cfg: DictConfig) -> dict[str, dict[str, list[float]]]:
     """Train and evaluate one run; returns ``{sampler or 'data floor': {metric: [values]}}``."""
     torch.set_num_threads(cfg.threads)
     out = Path(cfg.paths.output_dir)
+    datamodule = resolve_data(cfg)  # first: a bad path fails before any stage trains
     out.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, out / "config.yaml", resolve=True)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -158,11 +100,16 @@ def train(cfg: DictConfig) -> dict[str, dict[str, list[float]]]:
         method_kwargs["init_from"] = cached_stage(cfg, list(cfg.pretrain.overrides))
         L.seed_everything(cfg.seed, workers=True, verbose=False)
 
-    datamodule = instantiate(cfg.dataset)
-    datamodule.setup("fit")
     # Plain containers: the hyper-parameters in a checkpoint then load with weights_only=True.
     method_cfg = OmegaConf.to_container(cfg.method, resolve=True)
-    method = instantiate(method_cfg, _recursive_=False, _convert_="all", **method_kwargs)
+    try:
+        method = instantiate(method_cfg, _recursive_=False, _convert_="all", **method_kwargs)
+    except InstantiationException as err:  # a config error: the method's own one-line message
+        if isinstance(err.__cause__, ValueError):
+            raise err.__cause__ from None
+        raise
+    method.data_identity = datamodule.identity()  # saved in its checkpoints
+    check_init_data(method, datamodule)
     evaluator = Evaluator(
         datamodule,
         list(cfg.eval.metrics),
@@ -198,16 +145,25 @@ def report(
     # Extra rows: other models (e.g. the full-chain DDPM, a strong-schedule baseline), each
     # trained once by its own cached stage. A null entry removes a row an experiment inherited.
     stage_rows: dict[str, dict[str, list[float]] | None] = {}
+    ours = datamodule.identity()
     for name, overrides in compare_stages(cfg).items():
         ckpt = cached_stage(cfg, overrides)
+        stage_dir = Path(ckpt).parents[1]
+        theirs = data_identity(OmegaConf.load(stage_dir / "config.yaml").dataset)
+        if theirs != ours:  # only when the stage's own overrides chose other data
+            log.warning(
+                "eval.compare %r: trained on %s, but this run's data are %s",
+                name,
+                describe_data(theirs),
+                describe_data(ours),
+            )
         samplers[name] = load_method(ckpt).eval().eval_chain.to(method.device)
-        stage_rows[name] = _stage_row(Path(ckpt).parents[1], cfg)
+        stage_rows[name] = stage_row(stage_dir, cfg)
     rows = {
         name: stage_rows.get(name) or evaluator.evaluate(chain) for name, chain in samplers.items()
     }
     rows["data floor"] = evaluator.floor()
-    references = OmegaConf.to_container(cfg.eval.references, resolve=True) or {}
-    table = format_table(rows, evaluator.metrics, references)
+    table = format_table(rows, evaluator.metrics, references_for(cfg, ours))
     header = (
         f"{cfg.task_name}: {evaluator.draws} draws of {evaluator.n} samples, mean ± sd; "
         f"'data floor' = the same metric between independent real samples of the same size "
@@ -223,56 +179,30 @@ def report(
     return rows
 
 
-_EVAL_KEYS = ("n", "draws", "seed", "w2_points", "metrics")
+def references_for(cfg: DictConfig, identity: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """``eval.references`` when the run's data are those the references were measured on
+    (every key of ``eval.reference_data`` matches the data's identity; null = any data)."""
+    refs = OmegaConf.to_container(cfg.eval.references, resolve=True) or {}
+    on = cfg.eval.get("reference_data")
+    if on is not None and any(identity.get(k) != v for k, v in on.items()):
+        return {}
+    return refs
 
 
-def compare_stages(cfg: DictConfig) -> dict[str, list[str]]:
-    """``{row name: overrides}`` of the ``eval.compare`` stages. Each is evaluated with this
-    run's settings (eval keys are not part of its cache key), so its own summary gives the row
-    without sampling the (e.g. 1000-step) chain again."""
-    ev = cfg.eval
-    same_eval = [f"eval.{k}={ev[k]}" for k in _EVAL_KEYS[:-1]]
-    same_eval.append(f"eval.metrics=[{','.join(ev.metrics)}]")
-    compare = ev.get("compare") or {}
-    return {name: [*ov, *same_eval] for name, ov in compare.items() if ov is not None}
+def check_overrides(overrides: list[str]) -> None:
+    """Refuse command-line overrides that Hydra accepts but that do not do what they say."""
+    for o in overrides:
+        key, _, value = o.partition("=")
+        if key.lstrip("+") == "eval.compare" and value.strip() == "{}":
+            raise ValueError(
+                "eval.compare={} drops nothing (Hydra merges it into the inherited rows); use "
+                "eval.compare=null to drop every compare row, eval.compare.ID=null for one"
+            )
 
 
-def start_compare_stages(cfg: DictConfig) -> list[subprocess.Popen]:
-    """Train the ``eval.compare`` stages that are not cached yet in background processes (one
-    thread each) while this run trains: on a 2-core machine the T=1000 DDPM of ``make run`` then
-    costs no wall time. ``report`` waits for them on the stage lock (and trains a stage itself if
-    its process failed). Off with ``eval.compare_in_background=false``."""
-    if not cfg.eval.compare_in_background:
-        return []
-    stages = [ov for ov in compare_stages(cfg).values() if not _is_cached(_stage(cfg, ov)[2])]
-    if not stages:
-        return []
-    out = Path(cfg.paths.output_dir)
-    procs = []
-    for i, overrides in enumerate(stages):
-        # config.yaml: this run's resolved config, written by train() (cache dir, debug, threads)
-        cmd = [sys.executable, "-m", "diffft.train_stage", str(out / "config.yaml"), *overrides]
-        path = out / f"compare_stage_{i}.log"
-        with open(path, "w") as f:
-            procs.append(subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT))
-        log.info("compare stage %s: training in the background (log %s)", overrides, path)
-    return procs
-
-
-def _stage_row(stage_dir: Path, cfg: DictConfig) -> dict[str, list[float]] | None:
-    """The main row of a cached stage's summary, when it was evaluated as ``cfg`` evaluates."""
-    summary, config = stage_dir / "summary.json", stage_dir / "config.yaml"
-    if not (summary.is_file() and config.is_file()):
-        return None
-    theirs = OmegaConf.load(config).eval
-    if any(theirs.get(k) != cfg.eval.get(k) for k in _EVAL_KEYS):
-        return None
-    rows = json.loads(summary.read_text())
-    return next((v for k, v in rows.items() if k != "data floor"), None)
-
-
-@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+@hydra.main(version_base="1.3", config_path="pkg://diffft.conf", config_name="train")
 def main(cfg: DictConfig) -> None:
+    check_overrides(list(HydraConfig.get().overrides.task))
     train(cfg)
 
 

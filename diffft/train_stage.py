@@ -1,8 +1,9 @@
 """``python -m diffft.train_stage RUN_CONFIG OVERRIDE...``: train one cached stage.
 
-``diffft.train.start_compare_stages`` runs this in the background for the ``eval.compare``
-stages of a run (``RUN_CONFIG`` = that run's resolved ``config.yaml``: cache dir, debug stage
-settings, threads). The stage lock makes the run wait for it before it builds its table.
+``diffft.stages.start_compare_stages`` runs this in the background for the ``eval.compare``
+stages of a run (``RUN_CONFIG`` = that run's resolved ``config.yaml``: its data, backbone, cache
+dir, debug stage settings, threads). The stage lock makes the run wait for it before it builds
+its table.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 from hydra import initialize_config_module
 from omegaconf import OmegaConf, open_dict
 
-from diffft.train import cached_stage
+from diffft.stages import cached_stage
 
 
 def main(argv: list[str]) -> None:

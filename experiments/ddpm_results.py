@@ -11,6 +11,7 @@ continues where it stopped.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import platform
@@ -193,8 +194,8 @@ def loss_drift(runs: Path, row: Row) -> float | None:
     path = runs / row.id / "metrics.csv"
     if not path.is_file():
         return None
-    lines = [ln.split(",") for ln in path.read_text().splitlines()[1:]]
-    loss = np.array([float(x[2]) for x in lines if len(x) > 2 and x[2]])
+    with path.open() as f:  # by name: the column order changes with periodic evaluation
+        loss = np.array([float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")])
     k = max(1, len(loss) // 10)
     if len(loss) < 2 * k:
         return None

@@ -3,7 +3,7 @@
 Computes the swiss-roll floor of each metric (a fresh 10K real sample vs the metric's reference
 split, the train config's eval settings, no cache) with ``--draws`` draws, and prints its mean,
 sd and range beside what the first 3 / 5 draws alone would report. The numbers behind
-``eval.floor_draws`` (``diffft/conf/train.yaml``, ``diffft/evaluation.py``).
+``eval.floor_draws`` (``conf/train.yaml``, ``diffft/evaluation.py``).
 """
 
 from __future__ import annotations

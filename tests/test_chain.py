@@ -108,3 +108,41 @@ def test_subsampled_chain_uses_the_model_times():
     assert chain.net_t[1].item() == 0 and chain.net_t[10].item() == 999
     assert chain.steps == 10
     assert math.isclose(chain.alpha_bar[10].item(), alpha_bar(betas)[-1].item(), rel_tol=1e-5)
+
+
+def test_zero_sigma_steps_sample_but_have_no_density():
+    betas = beta_schedule("linear", 50)
+    net = TimeMLP(2, 50, width=8, depth=1)
+    ddim = GaussianChain(net, subsample(betas, 5, "uniform"), (2,), parameterisation="ddim", eta=0)
+    assert ddim.zero_sigma_steps == (1, 2, 3, 4, 5)
+    x = ddim.sample(4, generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(x).all()
+    k = torch.ones(4, dtype=torch.long)
+    with pytest.raises(ValueError, match="sigma_k = 0 at k=\\[1, 2, 3, 4, 5\\].*sampler.sigma_min"):
+        ddim.log_prob(x, x, k)
+    sched = subsample(betas, 5, "uniform")
+    with pytest.raises(ValueError, match="sampler.learn_sigma=true needs sigma_k > 0.*k=\\[1\\]"):
+        GaussianChain(net, sched, (2,), variance="posterior", learn_sigma=True)
+    floored = GaussianChain(net, sched, (2,), variance="posterior", sigma_min=1e-4)
+    assert floored.zero_sigma_steps == () and torch.isfinite(floored.log_prob(x, x, k)).all()
+
+
+def test_evaluation_samples_in_eval_mode_and_restores_the_mode():
+    from diffft.data.toy import ToyDataModule
+    from diffft.evaluation import Evaluator
+
+    class Recorder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("anchor", torch.zeros(()))
+            self.modes: list[bool] = []
+
+        def sample(self, n, generator=None):
+            self.modes.append(self.training)
+            return torch.randn(n, 2, generator=generator)
+
+    dm = ToyDataModule("swiss_roll", n_train=200, n_test=200)
+    dm.setup()
+    chain = Recorder().train()
+    Evaluator(dm, ["sw"], n=100, draws=2).evaluate(chain)
+    assert chain.modes == [False, False] and chain.training

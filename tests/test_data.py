@@ -94,3 +94,18 @@ def test_data_order_follows_the_trainer_epoch_so_resumed_runs_match():
     assert torch.equal(epoch_batches(0), first) and torch.equal(epoch_batches(1), second)
     assert not torch.equal(first, second)
     assert torch.equal(torch.sort(first, 0).values, torch.sort(second, 0).values)
+
+
+def test_points_file_dim_comes_from_the_file_and_identity_from_its_content(tmp_path):
+    x = np.random.default_rng(0).normal(size=(40, 3))
+    np.save(tmp_path / "a.npy", x)
+    dm = ToyDataModule("points_file", dim=None, path=str(tmp_path / "a.npy"))
+    dm.setup()
+    assert dm.dim == 3 and dm.train.shape[1] == 3
+    np.save(tmp_path / "b.npy", x)  # the same points elsewhere: other path, same content hash
+    other = ToyDataModule("points_file", dim=None, path=str(tmp_path / "b.npy")).identity()
+    assert other["sha1"] == dm.identity()["sha1"] and other["path"] != dm.identity()["path"]
+    np.save(tmp_path / "a.npy", x + 1)  # changed content: a new identity
+    assert ToyDataModule("points_file", path=str(tmp_path / "a.npy")).identity() != dm.identity()
+    roll = ToyDataModule("swiss_roll").identity()
+    assert roll == {"name": "swiss_roll", "n_train": 10_000, "n_test": 10_000, "seed": 0}

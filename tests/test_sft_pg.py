@@ -93,3 +93,38 @@ def test_learned_sigma_is_trained_by_the_policy_gradient_and_reloads(make_cfg):
         learned = chain.log_sigma.exp()[1:]
         assert not torch.allclose(learned, fixed), (learned, fixed)
     assert method.eval_chain.sample(5).shape == (5, 2)
+
+
+def test_generator_minibatches_are_full_when_steps_exceed_the_buffer():
+    from diffft.methods.sft_pg import SFTPG
+
+    ddpm = {
+        "backbone": {"_target_": "diffft.nets.mlp.TimeMLP", "width": 8, "depth": 1},
+        "dim": 2,
+        "schedule": {"name": "sigmoid", "steps": 4, "beta_start": 1e-5, "beta_end": 1e-2},
+        "optimizer": {"_target_": "torch.optim.Adam"},
+    }
+    method = SFTPG(
+        dim=2,
+        sampler={"steps": 4},
+        critic={"_target_": "diffft.nets.mlp.MLP", "width": 8},
+        baseline={"_target_": "diffft.nets.mlp.TimeMLP", "width": 8, "out_dim": 1},
+        ddpm=ddpm,
+        n_generator=7,
+        generator_batch=3,
+    )
+    method.buffer = [method.chain.sample(2, return_trajectory=True).states]  # 8 transitions
+    sizes = []
+    method.generator_update = lambda opt, loss: sizes.append(loss.shape)
+    log_prob = method.chain.log_prob
+    method.chain.log_prob = lambda *a: sizes.append(a[0].shape[0]) or log_prob(*a)
+    method.policy_gradient_steps(None)
+    assert [s for s in sizes if isinstance(s, int)] == [3] * 7  # 7 x 3 > 8: no short batch
+
+
+def test_policy_gradient_refuses_a_chain_without_density(make_cfg):
+    cfg = make_cfg(
+        "experiment=swiss_roll_sft_pg", "debug=fast", "+method.sampler.variance=posterior"
+    )
+    with pytest.raises(ValueError, match="method.estimator=policy_gradient .* k=\\[1\\]"):
+        train(cfg)

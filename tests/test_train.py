@@ -5,15 +5,21 @@ import csv
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
+from importlib import resources
 from pathlib import Path
 
 import pytest
 import torch
 
+from diffft.stages import compare_stages
 from diffft.train import train
 
+# From the installed package (conf/ is installed as diffft.conf), as `python -m diffft.train`
+# sees it.
 EXPERIMENTS = sorted(
-    p.stem for p in (Path(__file__).parents[1] / "diffft/conf/experiment").glob("*.yaml")
+    p.name.removesuffix(".yaml")
+    for p in (resources.files("diffft.conf") / "experiment").iterdir()
+    if p.name.endswith(".yaml")
 )
 
 
@@ -39,9 +45,8 @@ def test_every_experiment_composes_and_runs(experiment, make_cfg):
         next(v for k, v in json.loads(p.read_text()).items() if k != "data floor")
         for p in Path(cfg.paths.cache_dir, "pretrain").glob("*/summary.json")
     ]
-    for name, overrides in (cfg.eval.get("compare") or {}).items():
-        if overrides is not None:
-            assert rows[name] in stage_rows, name
+    for name in compare_stages(cfg):
+        assert rows[name] in stage_rows, name
 
 
 def test_short_ddpm_run_lowers_the_metric(make_cfg):
@@ -136,7 +141,7 @@ def test_cosine_lr_schedule_decays_to_zero_and_bad_name_fails(make_cfg, tmp_path
 
 
 def test_parallel_runs_train_a_cached_stage_once(make_cfg, monkeypatch):
-    import diffft.train as dtrain
+    import diffft.stages as stages
 
     cfg = make_cfg("experiment=swiss_roll_sft_pg", "debug=fast")
     calls = []
@@ -148,13 +153,14 @@ def test_parallel_runs_train_a_cached_stage_once(make_cfg, monkeypatch):
         ckpt.parent.mkdir(parents=True)
         ckpt.write_text("weights")
 
-    monkeypatch.setattr(dtrain, "train", slow_fake_train)
     # Compose once here: Hydra's global state is not meant to be used from two threads.
     overrides = [*cfg.pretrain.overrides, "debug=fast", "paths.output_dir=unset"]
-    stage_cfg = dtrain.compose("train", overrides=overrides)
-    monkeypatch.setattr(dtrain, "compose", lambda **kw: copy.deepcopy(stage_cfg))
+    stage_cfg = stages.compose("train", overrides=overrides)
+    monkeypatch.setattr(stages, "compose", lambda **kw: copy.deepcopy(stage_cfg))
     with ThreadPoolExecutor(2) as pool:
-        stage = lambda _: dtrain.cached_stage(cfg, list(cfg.pretrain.overrides))  # noqa: E731
+        stage = lambda _: stages.cached_stage(  # noqa: E731
+            cfg, list(cfg.pretrain.overrides), train=slow_fake_train
+        )
         paths = list(pool.map(stage, range(2)))
     assert len(calls) == 1 and paths[0] == paths[1]
 
@@ -164,7 +170,7 @@ def test_compare_stages_train_in_the_background(make_cfg, tmp_path):
     cfg = make_cfg(*common)
     rows = train(cfg)
     out = Path(cfg.paths.output_dir)
-    (name,) = [k for k, v in cfg.eval.compare.items() if v is not None]
+    (name,) = compare_stages(cfg)
     assert name in rows and all(len(v) == cfg.eval.draws for v in rows[name].values())
     # The background process ended well: it trained the stage, or reused it if this run got
     # to the stage lock first; either way it printed the stage's checkpoint.

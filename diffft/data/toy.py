@@ -6,8 +6,10 @@ checkerboard as in FFJORD (the DxMI 2-D setup). ``points_file`` loads a user's `
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import numpy as np
@@ -130,7 +132,8 @@ class ToyDataModule(L.LightningDataModule):
 
     Args:
         name: a key of ``GENERATORS`` or ``points_file``.
-        dim: expected dimension D (checked against the data).
+        dim: expected dimension D (checked against the data); None = the data's own (a points
+            file's column count).
         n_train / n_test: sizes drawn from a generator (ignored for files).
         test_fraction: share of a points file held out as test set (seeded split).
         path: the points file (``name=points_file``).
@@ -140,7 +143,7 @@ class ToyDataModule(L.LightningDataModule):
     def __init__(
         self,
         name: str,
-        dim: int = 2,
+        dim: int | None = 2,
         n_train: int = 10_000,
         n_test: int = 10_000,
         batch_size: int = 128,
@@ -163,6 +166,23 @@ class ToyDataModule(L.LightningDataModule):
         self.metrics = list(metrics)
         self.train: torch.Tensor | None = None
         self.test: torch.Tensor | None = None
+        self._identity: dict[str, Any] | None = None
+
+    def identity(self) -> dict[str, Any]:
+        """What makes two runs' data the same: the generator and its sizes and seed, or the
+        points file's absolute path and content hash with the split settings. Keys the stage
+        cache and the check that a reused model or summary row was trained on this data."""
+        if self._identity is None:
+            if self.name == "points_file":
+                path = Path(self.path).resolve()
+                if not path.is_file():
+                    load_points_file(path)  # raises the DataError that names the path
+                digest = hashlib.sha1(path.read_bytes()).hexdigest()[:16]
+                ident = {"path": str(path), "sha1": digest, "test_fraction": self.test_fraction}
+            else:
+                ident = {"n_train": self.n_train, "n_test": self.n_test}
+            self._identity = {"name": self.name, **ident, "seed": self.seed}
+        return self._identity
 
     def setup(self, stage: str | None = None) -> None:
         if self.train is not None:
@@ -176,10 +196,13 @@ class ToyDataModule(L.LightningDataModule):
             # Disjoint seeds: training set, test set and fresh floor samples are independent.
             train = GENERATORS[self.name](self.n_train, self.seed)
             test = GENERATORS[self.name](self.n_test, self.seed + 1_000_000)
-        if train.shape[1] != self.dim:
+        if self.dim is None:
+            self.dim = int(train.shape[1])
+        elif train.shape[1] != self.dim:
+            source = f"'{self.path}'" if self.path else self.name
             raise DataError(
-                f"dataset.dim={self.dim} but the data has {train.shape[1]} columns; "
-                f"set dataset.dim={train.shape[1]}"
+                f"dataset.dim={self.dim} but {source} has {train.shape[1]} columns; "
+                f"set dataset.dim={train.shape[1]} (or dataset.dim=null to take the file's)"
             )
         self.train = torch.as_tensor(train, dtype=torch.float32)
         self.test = torch.as_tensor(test, dtype=torch.float32)

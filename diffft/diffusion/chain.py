@@ -115,6 +115,11 @@ class GaussianChain(nn.Module):
         c_x, c_eps, sigma = _coefficients(schedule.alpha_bar, parameterisation, eta, variance)
         sigma = sigma.clamp_min(sigma_min)
         sigma[0] = 1.0  # unused slot; keeps log finite
+        # Steps with sigma_k = 0 (variance=posterior at k = 1, DDIM with eta = 0) are
+        # deterministic: fine for sampling, but they have no density (log_prob would be NaN).
+        self.zero_sigma_steps = tuple(int(k) for k in torch.nonzero(sigma == 0).flatten())
+        if learn_sigma:
+            self.require_density("sampler.learn_sigma=true")
         net_t = schedule.net_t.clamp_min(0)
         self.register_buffer("c_x", c_x.float())
         self.register_buffer("c_eps", c_eps.float())
@@ -122,6 +127,16 @@ class GaussianChain(nn.Module):
         self.register_buffer("net_t", net_t.float() if continuous_time else net_t.round().long())
         self.register_buffer("alpha_bar", schedule.alpha_bar.float())
         self.log_sigma = nn.Parameter(sigma.log().float()) if learn_sigma else None
+
+    def require_density(self, why: str) -> None:
+        """Raise unless every step has sigma_k > 0 (``why``: the config key that needs it)."""
+        if self.zero_sigma_steps:
+            raise ValueError(
+                f"{why} needs sigma_k > 0 at every step, but sigma_k = 0 at "
+                f"k={list(self.zero_sigma_steps)} (sampler.variance=posterior makes sigma_1 = 0; "
+                "sampler.parameterisation=ddim with sampler.eta=0 makes every sigma_k = 0); set "
+                "sampler.sigma_min (e.g. 1e-4), or sampler.variance=beta / sampler.eta>0"
+            )
 
     # -- one transition ---------------------------------------------------------------------
     def _per_sample(self, coef: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -143,6 +158,8 @@ class GaussianChain(nn.Module):
 
     def log_prob(self, x_prev: torch.Tensor, x_k: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """log p(x_{k-1} | x_k), summed over dimensions: shape ``[n]``."""
+        if self.zero_sigma_steps:
+            self.require_density("log_prob")
         mu, sigma = self.mean(x_k, k), self.sigma(k)
         z = (x_prev - mu) / sigma
         per_dim = -0.5 * z**2 - sigma.log() - 0.5 * _LOG_2PI

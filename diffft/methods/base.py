@@ -21,6 +21,8 @@ class SamplerMethod(L.LightningModule):
     """
 
     chain: GaussianChain
+    # ``ToyDataModule.identity()`` of the training data (set by diffft.train, in checkpoints).
+    data_identity: dict[str, Any] | None = None
 
     def init_ema(self, decay: float) -> None:
         if not 0.0 <= decay < 1.0:
@@ -43,7 +45,7 @@ class SamplerMethod(L.LightningModule):
 
     def samplers(self) -> dict[str, GaussianChain]:
         """Named chains to evaluate at the end of a run; the first is the main one."""
-        return {self.sampler_name: self.eval_chain}
+        raise NotImplementedError
 
     def logging_batch(self) -> bool:
         """Whether Lightning writes this batch's ``self.log`` values to the loggers.
@@ -56,13 +58,13 @@ class SamplerMethod(L.LightningModule):
         done = self.trainer.fit_loop.epoch_loop._batches_that_stepped
         return every > 0 and (done + 1) % every == 0
 
-    @property
-    def sampler_name(self) -> str:
-        return f"{type(self).__name__} K={self.chain.steps}"
-
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Lets ``load_method`` rebuild the right class from a checkpoint alone.
         checkpoint["diffft_method"] = f"{type(self).__module__}.{type(self).__qualname__}"
+        checkpoint["diffft_data"] = self.data_identity
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.data_identity = checkpoint.get("diffft_data")
 
 
 def load_method(path: str) -> SamplerMethod:
@@ -72,4 +74,8 @@ def load_method(path: str) -> SamplerMethod:
         raise ValueError(f"ckpt: '{path}' was not written by diffft.train (no 'diffft_method')")
     module, _, name = ckpt["diffft_method"].rpartition(".")
     cls = getattr(importlib.import_module(module), name)
-    return cls.load_from_checkpoint(path, map_location="cpu", weights_only=False)
+    # What LightningModule.load_from_checkpoint does, without reading the file a second time.
+    method = cls(**ckpt["hyper_parameters"])
+    method.on_load_checkpoint(ckpt)
+    method.load_state_dict(ckpt["state_dict"])
+    return method

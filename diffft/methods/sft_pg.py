@@ -104,7 +104,10 @@ class SFTPG(SamplerMethod):
             )
         self.automatic_optimization = False
         self.save_hyperparameters()
+        self.init_data: dict[str, Any] | None = None  # the DDPM's data (from init_from)
         self.chain = self._short_chain(init_from, ddpm, dict(sampler))
+        if estimator == "policy_gradient":
+            self.chain.require_density("method.estimator=policy_gradient (log-probabilities)")
         self.init_chain = copy.deepcopy(self.chain).requires_grad_(False)  # "DDPM T'" row
         self.critic = instantiate(critic, dim=dim)
         self.baseline = instantiate(baseline, dim=dim, n_steps=self.chain.steps)
@@ -123,7 +126,13 @@ class SFTPG(SamplerMethod):
                 raise ValueError(
                     f"method.init_from='{init_from}' is a {type(ddpm).__name__}, not a DDPM"
                 )
+            if ddpm.hparams.dim != self.hparams.dim:
+                raise ValueError(
+                    f"method.init_from='{init_from}' is a DDPM of {ddpm.hparams.dim}-D data, but "
+                    f"this run's data are {self.hparams.dim}-D (dataset.dim)"
+                )
             self.hparams["ddpm"] = dict(ddpm.hparams)
+            self.init_data = ddpm.data_identity
         else:  # rebuilt from this method's own checkpoint: weights come from its state_dict
             known = inspect.signature(DDPM.__init__).parameters  # keys of older versions drop
             ddpm = DDPM(**{k: v for k, v in ddpm_hparams.items() if k in known})
@@ -195,9 +204,12 @@ class SFTPG(SamplerMethod):
         x_0 = traj.sample.repeat(traj.steps, *([1] * (traj.sample.dim() - 1)))
         n = x_k.shape[0]
         size = n if hp.generator_batch == "all" else min(hp.generator_batch, n)
-        order = torch.randperm(n, device=x_k.device)
+        # Full minibatches without repeats inside one pass; a new pass over the buffer (a new
+        # permutation) when n_generator * size exceeds it.
+        passes = -(-hp.n_generator * size // n)
+        order = torch.cat([torch.randperm(n, device=x_k.device) for _ in range(passes)])
         for j in range(hp.n_generator):
-            idx = order[(j * size) % n :][:size]
+            idx = order[j * size : (j + 1) * size]
             with torch.no_grad():
                 adv = self.critic(x_0[idx]).squeeze(-1) - self.baseline(
                     x_k[idx], k[idx] - 1
@@ -226,6 +238,7 @@ class SFTPG(SamplerMethod):
         checkpoint["sft_pg_buffer"] = [s.cpu() for s in self.buffer]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
         self.buffer = list(checkpoint.get("sft_pg_buffer", []))
 
     def samplers(self) -> dict[str, GaussianChain]:

@@ -1,0 +1,235 @@
+"""Cached stages: the other runs a run needs (its DDPM pretraining, the ``eval.compare`` rows),
+each trained once and cached under ``paths.cache_dir`` by a hash of its resolved config.
+
+**The stage rule** (one place, for every kind of stage): a stage is composed from its own
+overrides (e.g. ``[experiment=swiss_roll_ddpm, method.schedule.steps=1000]``), then the run's
+``dataset`` node (every value, the file path included), ``backbone`` node and compute keys
+(``trainer.accelerator``, ``trainer.precision``) replace the stage's, and finally the keys the
+stage's overrides name explicitly (``backbone=...``, ``dataset.batch_size=...``) are put back on
+top. So every row of a table is trained on the data the table is about. Two things stay the
+stage's own: ``dataset.batch_size`` (a training hyper-parameter of the stage's recipe, not the
+data) and the device count / strategy (a stage trains on one device, outside any process group).
+
+The cache key is the stage's resolved config without output, logging, evaluation and device-count
+keys, plus the data's identity (``ToyDataModule.identity``: a points file by its content hash),
+so a stage of other data is never reused. A cached stage's own summary row is reused in a table
+only when its data identity and evaluation settings match the run's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None  # type: ignore[assignment]
+
+from hydra import compose
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+log = logging.getLogger("diffft")
+
+# Keys that do not change what a stage produces (left out of its cache key).
+_NOT_IN_CACHE_KEY = (
+    "paths",
+    "logger",
+    "callbacks",
+    "task_name",
+    "eval",
+    "ckpt_path",
+    "hydra",
+    "progress_refresh_rate",
+)
+_NOT_IN_CACHE_KEY_TRAINER = ("enable_progress_bar", "devices", "num_nodes", "strategy")
+# Carried from the run into every stage (unless the stage's overrides set them).
+_CARRIED_NODES = ("dataset", "backbone")
+_CARRIED_TRAINER_KEYS = ("accelerator", "precision")
+_STAGE_OWN_DATA_KEYS = ("batch_size",)
+# The evaluation settings a stage's summary row must share with the run to be reused.
+EVAL_KEYS = ("n", "draws", "seed", "w2_points", "metrics")
+
+
+def data_identity(dataset_cfg: DictConfig | dict) -> dict[str, Any]:
+    """The identity of the data a ``dataset`` config describes (``ToyDataModule.identity``)."""
+    return instantiate(dataset_cfg).identity()
+
+
+def describe_data(identity: dict[str, Any]) -> str:
+    """One line naming the data: the generator and its settings, or the file and its hash."""
+    rest = ", ".join(f"{k}={v}" for k, v in identity.items() if k not in ("name", "path"))
+    where = f" '{identity['path']}'" if identity.get("path") else ""
+    return f"{identity['name']}{where} ({rest})"
+
+
+def stage_key(cfg: DictConfig) -> str:
+    """A short hash of a stage's resolved config (without output/logging/device-count keys)
+    and of its data's identity."""
+    c = OmegaConf.to_container(cfg, resolve=True)
+    for k in _NOT_IN_CACHE_KEY:
+        c.pop(k, None)
+    for k in _NOT_IN_CACHE_KEY_TRAINER:
+        c.get("trainer", {}).pop(k, None)
+    c["data_identity"] = data_identity(cfg.dataset)
+    return hashlib.sha1(json.dumps(c, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _explicit_keys(overrides: list[str]) -> set[str]:
+    """The config keys and group names a list of Hydra overrides sets (deletions left out)."""
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    return {o.key_or_group.removeprefix("/") for o in parsed if not o.is_delete()}
+
+
+def stage_config(run: DictConfig, overrides: list[str]) -> DictConfig:
+    """The composed config of the stage ``overrides`` describe, under the stage rule."""
+    if any(o.startswith("paths.") for o in overrides):
+        raise ValueError(f"cached stage {overrides}: must not set paths.* (it is cached by config)")
+    if run.pretrain.debug:
+        overrides = [*overrides, f"debug={run.pretrain.debug}"]
+    stage = compose(config_name="train", overrides=[*overrides, "paths.output_dir=unset"])
+    explicit = _explicit_keys(overrides)
+    carried = (*_CARRIED_NODES, "trainer")
+    own = {k: OmegaConf.select(stage, k) for k in explicit if k.split(".")[0] in carried}
+    own = {k: v for k, v in own.items() if "." in k}
+    with open_dict(stage):
+        for node in _CARRIED_NODES:
+            if node in explicit:  # the stage chose its own dataset / backbone group
+                continue
+            keep = {k: stage[node][k] for k in _STAGE_OWN_DATA_KEYS if node == "dataset"}
+            stage[node] = OmegaConf.create(OmegaConf.to_container(run[node], resolve=True))
+            stage[node].update(keep)
+        if "hardware" not in explicit:
+            for k in _CARRIED_TRAINER_KEYS:
+                if k in run.trainer:
+                    stage.trainer[k] = run.trainer[k]
+        for k, v in own.items():  # the stage's explicit overrides stay on top
+            OmegaConf.update(stage, k, v, force_add=True)
+    return stage
+
+
+def _stage_dir(run: DictConfig, stage: DictConfig) -> tuple[str, Path]:
+    key = stage_key(stage)
+    return key, Path(run.paths.cache_dir) / "pretrain" / f"{stage.task_name}-{key}"
+
+
+def is_cached(stage_dir: Path) -> bool:
+    return (stage_dir / "done").is_file() and (stage_dir / "checkpoints/last.ckpt").is_file()
+
+
+def cached_stage(
+    run: DictConfig, overrides: list[str], train: Callable[[DictConfig], Any] | None = None
+) -> str:
+    """Train the stage ``overrides`` describe for ``run`` (or reuse it); return its ``last.ckpt``.
+
+    Parallel runs (a sweep, the results scripts) that need the same stage train it once: the
+    first takes the stage's lock and trains, the others wait for it and reuse its checkpoint.
+    """
+    if train is None:
+        from diffft.train import train
+    stage = stage_config(run, overrides)
+    key, out = _stage_dir(run, stage)
+    ckpt = out / "checkpoints" / "last.ckpt"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with _file_lock(out.parent / f"{out.name}.lock", f"cached stage {overrides}"):
+        if is_cached(out):
+            log.info("cached stage %s: reusing %s", overrides, ckpt)
+            return str(ckpt)
+        log.info("cached stage %s: no cached checkpoint, training into %s", overrides, out)
+        if out.exists():  # an interrupted earlier attempt: Lightning would not overwrite its ckpt
+            shutil.rmtree(out)
+        with open_dict(stage):
+            stage.paths.output_dir = str(out)
+            stage.paths.cache_dir = run.paths.cache_dir
+            stage.threads = run.threads
+            stage.trainer.enable_progress_bar = run.trainer.enable_progress_bar
+        train(stage)
+        (out / "done").write_text(key)
+    return str(ckpt)
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path, what: str) -> Iterator[None]:
+    """An exclusive advisory lock on ``path`` (POSIX ``flock``; no lock where unavailable)."""
+    with open(path, "a") as f:
+        if fcntl is not None:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log.info("%s: another run holds %s; waiting for it", what, path)
+                fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            if fcntl is not None:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def compare_stages(cfg: DictConfig) -> dict[str, list[str]]:
+    """``{row label: overrides}`` of the ``eval.compare`` stages (entries ``{row id: {label,
+    overrides}}``). Each is evaluated with this run's settings (eval keys are not part of its
+    cache key), so its own summary gives the row without sampling the (e.g. 1000-step) chain
+    again. ``eval.compare=null`` drops every row, ``eval.compare.ID=null`` one of them."""
+    ev = cfg.eval
+    same_eval = [f"eval.{k}={ev[k]}" for k in EVAL_KEYS[:-1]]
+    same_eval.append(f"eval.metrics=[{','.join(ev.metrics)}]")
+    out = {}
+    for row_id, entry in (ev.get("compare") or {}).items():
+        if entry is None:
+            continue
+        if not (isinstance(entry, DictConfig) and "overrides" in entry):
+            raise ValueError(
+                f"eval.compare.{row_id}: expected {{label: ROW NAME, overrides: [...]}}, "
+                f"got {entry}"
+            )
+        out[entry.get("label") or row_id] = [*entry.overrides, *same_eval]
+    return out
+
+
+def start_compare_stages(cfg: DictConfig) -> list[subprocess.Popen]:
+    """Train the ``eval.compare`` stages that are not cached yet in background processes (one
+    thread each) while this run trains: on a 2-core machine the T=1000 DDPM of ``make run`` then
+    costs little wall time. ``report`` waits for them on the stage lock (and trains a stage
+    itself if its process failed). Off with ``eval.compare_in_background=false``."""
+    if not cfg.eval.compare_in_background:
+        return []
+    stages = [
+        ov
+        for ov in compare_stages(cfg).values()
+        if not is_cached(_stage_dir(cfg, stage_config(cfg, ov))[1])
+    ]
+    out = Path(cfg.paths.output_dir)
+    procs = []
+    for i, overrides in enumerate(stages):
+        # config.yaml: this run's resolved config, written by train() (data, cache dir, threads)
+        cmd = [sys.executable, "-m", "diffft.train_stage", str(out / "config.yaml"), *overrides]
+        path = out / f"compare_stage_{i}.log"
+        with open(path, "w") as f:
+            procs.append(subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT))
+        log.info("compare stage %s: training in the background (log %s)", overrides, path)
+    return procs
+
+
+def stage_row(stage_dir: Path, run: DictConfig) -> dict[str, list[float]] | None:
+    """The main row of a cached stage's summary, when it was evaluated as ``run`` evaluates and
+    on the same data (else None: the row is evaluated again)."""
+    summary, config = stage_dir / "summary.json", stage_dir / "config.yaml"
+    if not (summary.is_file() and config.is_file()):
+        return None
+    theirs = OmegaConf.load(config)
+    if any(theirs.eval.get(k) != run.eval.get(k) for k in EVAL_KEYS):
+        return None
+    if data_identity(theirs.dataset) != data_identity(run.dataset):
+        return None
+    rows = json.loads(summary.read_text())
+    return next((v for k, v in rows.items() if k != "data floor"), None)
