@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from diffft.diffusion.sampler import Sampler
 from diffft.metrics.ot import exact_w2, mean_sd, sliced_w2
 
 
@@ -63,6 +64,7 @@ class Evaluator:
         seed: draw d uses sampling seed ``seed + d`` and projection seed ``d``.
         floor_draws: draws of the floor (None = ``draws``); its cost is one metric call each.
         cache_dir: where floors are cached (None = no cache).
+        batch_size: samples drawn per sampler call (None = all ``n`` at once).
     """
 
     def __init__(
@@ -75,12 +77,14 @@ class Evaluator:
         w2_points: int = 2_000,
         cache_dir: str | Path | None = None,
         floor_draws: int | None = None,
+        batch_size: int | None = None,
     ) -> None:
         check_metrics(list(metrics))
         self.dm, self.metrics, self.n, self.draws = datamodule, list(metrics), n, draws
         self.floor_draws = floor_draws or draws
         self.seed, self.w2_points = seed, w2_points
         self.cache_dir = Path(cache_dir) if cache_dir else None
+        self.batch_size = batch_size
 
     def _points(self, name: str) -> int:
         return min(self.n, self.w2_points) if name == "w2" else self.n
@@ -100,20 +104,22 @@ class Evaluator:
         return {name: self._score(name, x, draw) for name in self.metrics}
 
     @torch.no_grad()
-    def evaluate(self, chain: torch.nn.Module, draws: int | None = None) -> dict[str, list[float]]:
-        """Metric values per draw for samples of ``chain``."""
+    def evaluate(self, sampler: Sampler, draws: int | None = None) -> dict[str, list[float]]:
+        """Metric values per draw for samples of ``sampler`` (drawn in eval mode)."""
         out: dict[str, list[float]] = {m: [] for m in self.metrics}
-        device = next(iter(chain.buffers())).device
-        training = chain.training
-        chain.eval()  # dropout / normalisation layers sample as they will be used
+        module = sampler if isinstance(sampler, torch.nn.Module) else None
+        training = module.training if module is not None else False
+        if module is not None:
+            module.eval()  # dropout / normalisation layers sample as they will be used
         try:
             for d in range(draws or self.draws):
-                g = torch.Generator(device=device).manual_seed(self.seed + d)
-                x = chain.sample(self.n, generator=g)
+                g = torch.Generator(device=sampler.device).manual_seed(self.seed + d)
+                x = sampler.sample(self.n, generator=g, batch_size=self.batch_size)
                 for name in self.metrics:
                     out[name].append(self._score(name, x, d))
         finally:
-            chain.train(training)
+            if module is not None:
+                module.train(training)
         return out
 
     def floor(self) -> dict[str, list[float]]:

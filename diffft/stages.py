@@ -175,11 +175,11 @@ def _file_lock(path: Path, what: str) -> Iterator[None]:
                 fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def compare_stages(cfg: DictConfig) -> dict[str, list[str]]:
-    """``{row label: overrides}`` of the ``eval.compare`` stages (entries ``{row id: {label,
-    overrides}}``). Each is evaluated with this run's settings (eval keys are not part of its
-    cache key), so its own summary gives the row without sampling the (e.g. 1000-step) chain
-    again. ``eval.compare=null`` drops every row, ``eval.compare.ID=null`` one of them."""
+def compare_stages(cfg: DictConfig) -> dict[str, tuple[str, list[str]]]:
+    """``{row id: (label, overrides)}`` of the ``eval.compare`` stages (entries ``{row id:
+    {label, overrides}}``). Each is evaluated with this run's settings (eval keys are not part
+    of its cache key), so its own summary gives the row without sampling the (e.g. 1000-step)
+    chain again. ``eval.compare=null`` drops every row, ``eval.compare.ID=null`` one of them."""
     ev = cfg.eval
     same_eval = [f"eval.{k}={ev[k]}" for k in EVAL_KEYS[:-1]]
     same_eval.append(f"eval.metrics=[{','.join(ev.metrics)}]")
@@ -192,7 +192,7 @@ def compare_stages(cfg: DictConfig) -> dict[str, list[str]]:
                 f"eval.compare.{row_id}: expected {{label: ROW NAME, overrides: [...]}}, "
                 f"got {entry}"
             )
-        out[entry.get("label") or row_id] = [*entry.overrides, *same_eval]
+        out[row_id] = (entry.get("label") or row_id, [*entry.overrides, *same_eval])
     return out
 
 
@@ -205,7 +205,7 @@ def start_compare_stages(cfg: DictConfig) -> list[subprocess.Popen]:
         return []
     stages = [
         ov
-        for ov in compare_stages(cfg).values()
+        for _, ov in compare_stages(cfg).values()
         if not is_cached(_stage_dir(cfg, stage_config(cfg, ov))[1])
     ]
     out = Path(cfg.paths.output_dir)

@@ -25,8 +25,10 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from diffft.callbacks.evaluation import PeriodicEvaluation
+from diffft.diffusion.sampler import Sampler
 from diffft.evaluation import Evaluator, format_table
 from diffft.methods.base import load_method
+from diffft.methods.ddpm import DDPM
 from diffft.plots import scatter_samples
 from diffft.stages import (
     cached_stage,
@@ -119,6 +121,7 @@ def train(cfg: DictConfig) -> dict[str, dict[str, list[float]]]:
         w2_points=cfg.eval.w2_points,
         cache_dir=cfg.paths.cache_dir,
         floor_draws=cfg.eval.floor_draws,
+        batch_size=cfg.eval.get("batch_size"),
     )
     trainer = build_trainer(cfg, evaluator)
     trainer.fit(method, datamodule, ckpt_path=cfg.get("ckpt_path"))
@@ -145,8 +148,9 @@ def report(
     # Extra rows: other models (e.g. the full-chain DDPM, a strong-schedule baseline), each
     # trained once by its own cached stage. A null entry removes a row an experiment inherited.
     stage_rows: dict[str, dict[str, list[float]] | None] = {}
+    stage_models: dict[str, tuple[str, Any]] = {}
     ours = datamodule.identity()
-    for name, overrides in compare_stages(cfg).items():
+    for row_id, (name, overrides) in compare_stages(cfg).items():
         ckpt = cached_stage(cfg, overrides)
         stage_dir = Path(ckpt).parents[1]
         theirs = data_identity(OmegaConf.load(stage_dir / "config.yaml").dataset)
@@ -157,8 +161,10 @@ def report(
                 describe_data(theirs),
                 describe_data(ours),
             )
-        samplers[name] = load_method(ckpt).eval().eval_chain.to(method.device)
+        stage_models[row_id] = (name, load_method(ckpt).eval().to(method.device))
+        samplers[name] = stage_models[row_id][1].eval_chain
         stage_rows[name] = stage_row(stage_dir, cfg)
+    samplers.update(solver_rows(cfg, method, stage_models))
     rows = {
         name: stage_rows.get(name) or evaluator.evaluate(chain) for name, chain in samplers.items()
     }
@@ -171,12 +177,48 @@ def report(
     )
     (out / "summary.md").write_text(header + "\n\n" + table + "\n")
     (out / "summary.json").write_text(json.dumps(rows, indent=1))
-    g = torch.Generator().manual_seed(cfg.eval.seed)
     with torch.no_grad():
-        shown = {name: chain.sample(5_000, generator=g) for name, chain in samplers.items()}
+        shown = {
+            name: s.sample(5_000, generator=torch.Generator(s.device).manual_seed(cfg.eval.seed))
+            for name, s in samplers.items()
+        }
     scatter_samples(shown, datamodule.train, out / "samples.png")
     print("\n" + header + "\n" + table + f"\n\noutputs: {out}\n", flush=True)
     return rows
+
+
+def solver_rows(
+    cfg: DictConfig, method: Any, stage_models: dict[str, tuple[str, Any]]
+) -> dict[str, Sampler]:
+    """The training-free solver rows (``eval.solvers``): each of ``kinds`` (``ddim``,
+    ``dpmpp2m``) run for ``steps`` steps on the DDPM of the compare row ``source`` (null: this
+    run's own DDPM), labelled with the model they come from."""
+    spec = cfg.eval.get("solvers")
+    if not spec or not spec.get("kinds"):
+        return {}
+    if spec.get("source") is None:
+        if not isinstance(method, DDPM):
+            raise ValueError(
+                "eval.solvers.source is null but this run is not a DDPM; name an eval.compare "
+                "row id (e.g. ddpm_full) whose DDPM the solvers run on"
+            )
+        label, ddpm = "", method
+    elif spec.source not in stage_models:
+        compare = cfg.eval.get("compare") or {}
+        if spec.source in compare or not compare:  # its row was dropped: so are the solvers
+            log.info("eval.solvers: row %r dropped, so are the solver rows", spec.source)
+            return {}
+        raise ValueError(
+            f"eval.solvers.source={spec.source!r} is not an eval.compare row id (known: "
+            f"{sorted(compare)}); name one, or null for this run's own DDPM"
+        )
+    else:
+        label, ddpm = stage_models[spec.source]
+    out: dict[str, Sampler] = {}
+    for kind in spec.kinds:
+        solver = ddpm.solver(int(spec.steps), kind)
+        out[f"{solver.label}, {label}" if label else solver.label] = solver
+    return out
 
 
 def references_for(cfg: DictConfig, identity: dict[str, Any]) -> dict[str, dict[str, Any]]:

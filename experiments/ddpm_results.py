@@ -21,6 +21,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +29,6 @@ from hydra import compose, initialize_config_module
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-import diffft
 from diffft.evaluation import Evaluator
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,6 +74,36 @@ ROWS = (
     + [Row("gauss", EG, "sigmoid", t, EG_PAPER[t]) for t in (5, 10, 100, 1000)]
     + [Row("gauss", EG, "cosine", t, "–") for t in (5, 10, 100)]
 )
+SEEDS = (0, 1, 2)
+SOLVER_STEPS = (10, 4, 2)
+FULL_DRAWS = 10  # as the SFT-PG results (3 seeds x 10 draws), which reuse these rows
+
+
+@dataclass(frozen=True)
+class FullRow:
+    """The T = 1000 swiss-roll DDPM on the sinusoidal time-embedding MLP (one seed), with the
+    DDIM / DPM-Solver++ rows at ``SOLVER_STEPS`` evaluated on it in the same run."""
+
+    seed: int
+
+    @property
+    def id(self) -> str:
+        return f"swiss-full-T1000-s{self.seed}"
+
+    def overrides(self) -> list[str]:
+        solvers = ",".join(
+            f"{{steps:{s},solver:{k}}}" for s in SOLVER_STEPS for k in ("ddim", "dpmpp2m")
+        )
+        return [
+            "experiment=swiss_roll_ddpm_full",
+            "backbone=sinusoidal_mlp",
+            f"seed={self.seed}",
+            f"eval.draws={FULL_DRAWS}",
+            f"method.eval_steps=[{solvers}]",
+        ]
+
+
+FULL_ROWS = [FullRow(s) for s in SEEDS]
 METRICS = {"swiss": ["sw_paper", "sw", "w2"], "gauss": ["sw", "w2"]}
 LABELS = {
     "sw_paper": "sw_paper (SW2 100 proj vs train, ×1e-2)",
@@ -84,7 +114,7 @@ FLOOR_REF = {"swiss": "–", "gauss": "≈ 0.045 ± 0.014"}
 
 
 # Run configs written before eval.floor_draws existed get the current default.
-FLOOR_DRAWS = OmegaConf.load(Path(diffft.__file__).parent / "conf" / "train.yaml").eval.floor_draws
+FLOOR_DRAWS = OmegaConf.load(str(resources.files("diffft.conf") / "train.yaml")).eval.floor_draws
 
 
 def train_config(dataset: str) -> DictConfig:
@@ -111,7 +141,7 @@ def evaluator(cfg: DictConfig, draws: int | None = None) -> Evaluator:
     )
 
 
-def run_row(row: Row, runs: Path, extra: list[str], force: bool) -> float | None:
+def run_row(row: Row | FullRow, runs: Path, extra: list[str], force: bool) -> float | None:
     """Train and evaluate one row; returns its wall time (None when skipped)."""
     out = runs / row.id
     if (out / "summary.json").is_file() and not force:
@@ -151,6 +181,38 @@ def load(runs: Path, row: Row) -> dict[str, list[float]] | None:
     return model
 
 
+def full_rows(runs: Path) -> tuple[dict[str, dict[str, list[float]]], int]:
+    """Every sampler row of the ``FULL_ROWS`` runs pooled over seeds (seeds x draws), and the
+    number of seeds that have run."""
+    paths = [runs / r.id / "summary.json" for r in FULL_ROWS]
+    done = [json.loads(p.read_text()) for p in paths if p.is_file()]
+    pooled: dict[str, dict[str, list[float]]] = {}
+    for summary in done:
+        for name, vals in summary.items():
+            if name == "data floor":
+                continue
+            for m, v in vals.items():
+                pooled.setdefault(name, {}).setdefault(m, []).extend(v)
+    return pooled, len(done)
+
+
+def full_table(runs: Path) -> str:
+    rows, seeds = full_rows(runs)
+    if not rows:
+        return "not run yet."
+    metrics = METRICS["swiss"]
+    head = ["model", *(LABELS[m] for m in metrics), "paper"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, vals in rows.items():
+        paper = SR_PAPER[1000] if name == "DDPM T=1000" else "–"
+        cells = [cell(vals.get(m)) for m in metrics]
+        lines.append(f"| {name} ({seeds} seeds) | " + " | ".join(cells) + f" | {paper} |")
+    cfg = OmegaConf.load(runs / FULL_ROWS[0].id / "config.yaml")
+    cells = [cell(evaluator(cfg).floor().get(m)) for m in metrics]
+    lines.append("| data floor | " + " | ".join(cells) + " | – |")
+    return "\n".join(lines)
+
+
 def table(runs: Path, name: str) -> tuple[str, dict[str, float]]:
     """A markdown table of one dataset's rows, and the first-metric mean per row id."""
     metrics = METRICS[name]
@@ -160,6 +222,7 @@ def table(runs: Path, name: str) -> tuple[str, dict[str, float]]:
     done: Row | None = None  # a row that has run: its config gives the floor's settings
     for row in (r for r in ROWS if r.table == name):
         kind = "paper setup (sigmoid 1e-5..1e-2)" if row.schedule == "sigmoid" else "cosine"
+        kind += ", gated MLP"  # backbone=time_mlp, the SFT-PG toy net
         model = load(runs, row)
         if model is None:
             lines.append(
@@ -269,6 +332,16 @@ Runs: `{runs.relative_to(ROOT)}/<row-id>/`.
 
 {sr}
 
+## Swiss roll, full chain T = 1000 on the sinusoidal time-embedding MLP, and solvers on it
+
+`experiment=swiss_roll_ddpm_full backbone=sinusoidal_mlp` (width 64, sigmoid betas 1e-5..1e-2,
+batch 256, 20K Adam steps with cosine decay), {len(SEEDS)} seeds x {FULL_DRAWS} draws of {n}
+samples per cell. The DDIM (eta = 0) and DPM-Solver++(2M) rows are diffusers' schedulers
+(trailing timesteps) driven by the same eps-network at T' steps: what a user would try instead
+of fine-tuning (`diffft.diffusion.sampler`).
+
+{full_table(runs)}
+
 ## 8 gaussians (DxMI Table 1; paper column = sw)
 
 {eg}
@@ -296,7 +369,7 @@ def main() -> None:
     extra = QUICK if args.quick else []
     t0 = time.perf_counter()
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        futures = [pool.submit(run_row, r, runs, extra, args.force) for r in ROWS]
+        futures = [pool.submit(run_row, r, runs, extra, args.force) for r in [*ROWS, *FULL_ROWS]]
         errors = [f.exception() for f in futures if f.exception() is not None]
     skipped = sum(1 for f in futures if f.exception() is None and f.result() is None)
     total = time.perf_counter() - t0

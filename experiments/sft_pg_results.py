@@ -35,7 +35,15 @@ from diffft.evaluation import Evaluator  # noqa: E402
 from diffft.methods.base import load_method  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from ddpm_results import RESULTS, ROOT, cell, evaluator, run_row, train_config  # noqa: E402
+from ddpm_results import (  # noqa: E402
+    RESULTS,
+    ROOT,
+    cell,
+    evaluator,
+    full_rows,
+    run_row,
+    train_config,
+)
 
 RUNS = ROOT / "experiments" / "runs" / "sft_pg"
 SEEDS = (0, 1, 2)
@@ -230,6 +238,63 @@ def table(rows: dict[str, dict[str, list[float]]], metrics: tuple[str, ...]) -> 
     return "\n".join(lines) + "\n\n" + "\n".join(verdicts) + "\n"
 
 
+def solver_rows(steps: int) -> dict[str, dict[str, list[float]]]:
+    """What a user would pick instead at the same T': DDIM and DPM-Solver++(2M) on the T = 1000
+    DDPM (sinusoidal MLP), and that DDPM's own 1000-step chain, from the full-chain runs of
+    ``ddpm_results.py`` (3 seeds x 10 draws of 10K, as the SFT-PG rows)."""
+    rows, seeds = full_rows(ROOT / "experiments" / "runs" / "ddpm")
+    out = {
+        f"{name}, on the DDPM T=1000 ({seeds} seeds)": rows[name]
+        for name in (f"DDIM T'={steps}", f"DPM-Solver++(2M) T'={steps}")
+        if name in rows
+    }
+    if "DDPM T=1000" in rows:
+        out[f"DDPM T=1000 full chain, sinusoidal MLP ({seeds} seeds)"] = rows["DDPM T=1000"]
+    return out
+
+
+def is_solver_row(name: str) -> bool:
+    return name.startswith(("DDIM", "DPM-Solver", "DDPM T=1000"))
+
+
+def insert_solver_rows(path: Path) -> None:
+    """Put the current ``solver_rows`` into each swiss-roll T' table of an existing results file
+    (replacing earlier ones), with a line comparing the best solver to SFT-PG: for when the
+    SFT-PG runs themselves are not on this machine (their rows stay as measured)."""
+    lines, out, steps = path.read_text().splitlines(), [], None
+    m = METRICS["swiss"]
+    for line in lines:
+        if line.startswith("## "):
+            steps = int(line.split("= ")[1]) if line.startswith("## Swiss roll, T' =") else None
+        name = line[2:].split(" | ")[0] if line.startswith("| ") else ""
+        if steps is not None and (is_solver_row(name) or line.startswith("- Best solver")):
+            continue
+        if steps is not None and name == "data floor":
+            rows = solver_rows(steps)
+            out += [f"| {k} | " + " | ".join(cell(v[x]) for x in m) + " |" for k, v in rows.items()]
+            floor_line = line
+        out.append(line)
+        if steps is not None and line.startswith("- ") and out[-2] == "":  # first verdict
+            out.insert(len(out) - 1, solver_verdict(steps, out, floor_line))
+    path.write_text("\n".join(out) + "\n")
+
+
+def solver_verdict(steps: int, table_lines: list[str], floor_line: str) -> str:
+    """'- Best solver at T' = N: ...' from the rendered rows (mean of the first cell)."""
+    first = lambda ln: float(ln.split(" | ")[1].split(" ± ")[0])  # noqa: E731
+    solvers = [ln for ln in table_lines if ln[2:].startswith(("DDIM", "DPM-Solver"))]
+    tuned = [ln for ln in table_lines if ln[2:].startswith(f"SFT-PG T'={steps} (fast config, 3")]
+    if not solvers or not tuned:
+        return "- Best solver: (rows missing)"
+    best = min(solvers, key=first)
+    name, value, sft = best[2:].split(" | ")[0], first(best), first(tuned[-1])
+    return (
+        f"- Best solver at T' = {steps}: {name}, sw_paper {value:.3g} vs SFT-PG (fast config) "
+        f"{sft:.3g} and the floor {first(floor_line):.3g}: SFT-PG is {value / sft:.1f}x closer "
+        "to the data."
+    )
+
+
 def swiss_table(steps: int) -> str:
     done = [r for r in (fast(steps, s) for s in SEEDS) if evaluated(r)]
     if not done:
@@ -254,6 +319,7 @@ def swiss_table(steps: int) -> str:
             )
     rows[f"DDPM T={steps} sigmoid (init, paper setup)"] = pooled(done[:1], "DDPM", m)
     rows[f"DDPM T={steps} cosine (strong baseline)"] = pooled([strong(steps)], "DDPM", m)
+    rows.update(solver_rows(steps))
     return table({**rows, **references("swiss_roll", m)}, m)
 
 
@@ -323,7 +389,16 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=1)
     parser.add_argument("--force", action="store_true")
     parser.add_argument("--report-only", action="store_true", help="only rewrite the report")
+    parser.add_argument(
+        "--solver-rows-only",
+        action="store_true",
+        help="only put the solver rows (from ddpm_results.py's full-chain runs) into sft_pg.md",
+    )
     args = parser.parse_args()
+    if args.solver_rows_only:
+        insert_solver_rows(RESULTS / "sft_pg.md")
+        print(f"updated the solver rows of {RESULTS / 'sft_pg.md'}")
+        return
     t0 = time.perf_counter()
     rows = [] if args.report_only else ROWS
     with ThreadPoolExecutor(args.jobs) as pool:

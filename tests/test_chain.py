@@ -136,8 +136,9 @@ def test_evaluation_samples_in_eval_mode_and_restores_the_mode():
             super().__init__()
             self.register_buffer("anchor", torch.zeros(()))
             self.modes: list[bool] = []
+            self.device = torch.device("cpu")
 
-        def sample(self, n, generator=None):
+        def sample(self, n, generator=None, batch_size=None):
             self.modes.append(self.training)
             return torch.randn(n, 2, generator=generator)
 

@@ -89,7 +89,7 @@ def test_compare_rows_are_dropped_by_null_and_an_empty_dict_is_refused(make_cfg)
     rows = train(make_cfg("experiment=swiss_roll_sft_pg_fast", "debug=fast", "eval.compare=null"))
     assert set(rows) == {"SFT-PG T'=10", "DDPM T'=10 (init)", "data floor"}
     one = make_cfg("experiment=swiss_roll_sft_pg", "eval.compare.ddpm_full=null")
-    assert list(compare_stages(one)) == ["DDPM same T', cosine (strong baseline)"]
+    assert list(compare_stages(one)) == ["ddpm_cosine"]
     with pytest.raises(ValueError, match="eval.compare=null"):
         check_overrides(["experiment=swiss_roll_sft_pg", "eval.compare={}"])
 

@@ -45,7 +45,7 @@ def test_every_experiment_composes_and_runs(experiment, make_cfg):
         next(v for k, v in json.loads(p.read_text()).items() if k != "data floor")
         for p in Path(cfg.paths.cache_dir, "pretrain").glob("*/summary.json")
     ]
-    for name in compare_stages(cfg):
+    for name, _ in compare_stages(cfg).values():
         assert rows[name] in stage_rows, name
 
 
@@ -170,7 +170,7 @@ def test_compare_stages_train_in_the_background(make_cfg, tmp_path):
     cfg = make_cfg(*common)
     rows = train(cfg)
     out = Path(cfg.paths.output_dir)
-    (name,) = compare_stages(cfg)
+    ((name, _),) = compare_stages(cfg).values()
     assert name in rows and all(len(v) == cfg.eval.draws for v in rows[name].values())
     # The background process ended well: it trained the stage, or reused it if this run got
     # to the stage lock first; either way it printed the stage's checkpoint.

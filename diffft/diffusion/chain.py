@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from diffft.diffusion.sampler import in_batches
 from diffft.diffusion.schedules import StepSchedule
 
 PARAMETERISATIONS = ("ddpm", "ddim")
@@ -128,6 +129,10 @@ class GaussianChain(nn.Module):
         self.register_buffer("alpha_bar", schedule.alpha_bar.float())
         self.log_sigma = nn.Parameter(sigma.log().float()) if learn_sigma else None
 
+    @property
+    def device(self) -> torch.device:
+        return self.c_x.device
+
     def require_density(self, why: str) -> None:
         """Raise unless every step has sigma_k > 0 (``why``: the config key that needs it)."""
         if self.zero_sigma_steps:
@@ -173,13 +178,17 @@ class GaussianChain(nn.Module):
         return_trajectory: bool = False,
         grad: bool = False,
         x_K: torch.Tensor | None = None,
+        batch_size: int | None = None,
     ) -> torch.Tensor | Trajectory:
-        """Run the chain from ``x_K ~ N(0, I)`` to ``x_0``.
+        """Run the chain from ``x_K ~ N(0, I)`` to ``x_0`` (the ``Sampler`` protocol).
 
         ``grad=False`` rolls out under ``torch.no_grad()`` (not ``inference_mode``: the returned
         trajectory can be reused to compute gradients). ``grad=True`` keeps the graph through
-        every step (pathwise / BPTT gradients).
+        every step (pathwise / BPTT gradients). ``batch_size`` bounds the memory of a large
+        ``n`` (samples only).
         """
+        if batch_size and batch_size < n and not return_trajectory and x_K is None:
+            return in_batches(n, batch_size, lambda m: self.sample(m, generator, grad=grad))
         device = self.c_x.device
         shape = (n, *self.event_shape)
         with torch.set_grad_enabled(grad):

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 SCHEDULES = ("linear", "quadratic", "sigmoid", "cosine")
-SUBSAMPLE_KINDS = ("none", "uniform", "quadratic", "fastdpm_step", "fastdpm_var")
+SUBSAMPLE_KINDS = ("none", "uniform", "trailing", "quadratic", "fastdpm_step", "fastdpm_var")
 SPACINGS = ("linear", "quadratic")
 
 # Max cosine beta (Nichol & Dhariwal 2021): avoids a singular final step where alpha_bar -> 0.
@@ -134,6 +134,8 @@ def subsample(
         kind: one of ``SUBSAMPLE_KINDS``:
             ``none`` (the full chain, needs ``steps == T``);
             ``uniform`` (``tau = round(linspace(0, T-1, K))``);
+            ``trailing`` (``tau_k = round(k T / K) - 1``: starts at the last network time,
+            Lin et al. 2024; diffusers' ``timestep_spacing="trailing"``);
             ``quadratic`` (DDIM: ``tau = floor(linspace(0, sqrt(0.8 T), K) ** 2)``);
             ``fastdpm_step`` (FastDPM STEP, a subset of network times, see ``spacing``);
             ``fastdpm_var`` (FastDPM VAR, a short beta sequence with continuous network times).
@@ -169,6 +171,8 @@ def subsample(
 
     if kind == "uniform":
         tau = _uniform_tau(T, steps)
+    elif kind == "trailing":
+        tau = np.round(np.arange(1, steps + 1) * T / steps).astype(np.int64) - 1
     elif kind == "quadratic" or spacing == "quadratic":
         tau = _quadratic_tau(T, steps)
     else:

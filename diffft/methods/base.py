@@ -10,6 +10,7 @@ import lightning as L
 import torch
 
 from diffft.diffusion.chain import GaussianChain
+from diffft.diffusion.sampler import Sampler
 
 
 class SamplerMethod(L.LightningModule):
@@ -43,8 +44,8 @@ class SamplerMethod(L.LightningModule):
         """The chain used for sampling and evaluation (EMA when enabled)."""
         return self.ema_chain if self.ema_chain is not None else self.chain
 
-    def samplers(self) -> dict[str, GaussianChain]:
-        """Named chains to evaluate at the end of a run; the first is the main one."""
+    def samplers(self) -> dict[str, Sampler]:
+        """Named samplers to evaluate at the end of a run; the first is the main one."""
         raise NotImplementedError
 
     def logging_batch(self) -> bool:

@@ -16,6 +16,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from diffft.diffusion.chain import GaussianChain
 from diffft.diffusion.forward import denoising_loss
+from diffft.diffusion.sampler import Sampler, SchedulerSampler
 from diffft.diffusion.schedules import alpha_bar, beta_schedule, subsample
 from diffft.methods.base import SamplerMethod
 
@@ -29,8 +30,9 @@ class DDPM(SamplerMethod):
     sampler: ``GaussianChain`` kwargs of the evaluation chain (parameterisation, variance, eta).
     optimizer: optimiser config (``_target_`` + kwargs). grad_clip: max grad norm (None = off).
     lr_schedule: ``constant``, or ``cosine`` (decay to 0 over the run's optimiser steps).
-    ema_decay: EMA of the eps-network (0 = off). eval_steps: extra sub-sampled chains to report,
-    each ``{steps: T', subsample: kind}``. antithetic: pair t with T-1-t in the loss.
+    ema_decay: EMA of the eps-network (0 = off). eval_steps: extra short samplers to report,
+    each ``{steps: T', subsample: kind}`` (a sub-sampled chain) or ``{steps: T', solver:
+    ddim|dpmpp2m}`` (a diffusers solver on this eps-network). antithetic: pair t with T-1-t.
     """
 
     def __init__(
@@ -106,11 +108,22 @@ class DDPM(SamplerMethod):
         schedule = subsample(self.betas, steps, subsample_kind, kwargs.pop("spacing", "linear"))
         return GaussianChain(net, schedule, (self.hparams.dim,), **kwargs)
 
-    def samplers(self) -> dict[str, GaussianChain]:
-        out = {f"DDPM T={self.chain.steps}": self.eval_chain}
+    def solver(self, steps: int, solver: str) -> SchedulerSampler:
+        """A training-free ``steps``-step diffusers solver (``ddim``, ``dpmpp2m``) on the
+        evaluated eps-network."""
+        net = self.eval_chain.eps_net
+        return SchedulerSampler(net, self.betas, steps, solver, (self.hparams.dim,)).to(self.device)
+
+    def samplers(self) -> dict[str, Sampler]:
+        out: dict[str, Sampler] = {f"DDPM T={self.chain.steps}": self.eval_chain}
         for spec in self.hparams.eval_steps or []:
             spec = dict(spec)
-            steps, kind = spec.pop("steps"), spec.pop("subsample", "uniform")
+            steps = spec.pop("steps")
+            if "solver" in spec:
+                sampler = self.solver(steps, spec.pop("solver"))
+                out[sampler.label] = sampler
+                continue
+            kind = spec.pop("subsample", "uniform")
             out[f"DDPM T={self.chain.steps}→{steps} ({kind})"] = self.short_chain(
                 steps, kind, **spec
             ).to(self.device)
