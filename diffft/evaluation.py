@@ -146,7 +146,8 @@ class Evaluator:
         return out
 
     def _cache_key(self, name: str) -> str:
-        ident = [sorted(self.dm.identity().items()), name, self._points(name), self.floor_draws]
+        data = {k: v for k, v in self.dm.identity().items() if k != "path"}  # a moved file too
+        ident = [sorted(data.items()), name, self._points(name), self.floor_draws]
         return f"{self.dm.name}-{name}-" + hashlib.sha1(repr(ident).encode()).hexdigest()[:12]
 
 

@@ -55,7 +55,12 @@ _NOT_IN_CACHE_KEY = (
 _NOT_IN_CACHE_KEY_TRAINER = ("enable_progress_bar", "devices", "num_nodes", "strategy")
 # Carried from the run into every stage (unless the stage's overrides set them).
 _CARRIED_NODES = ("dataset", "backbone")
-_CARRIED_TRAINER_KEYS = ("accelerator", "precision")
+# Precision stays the stage's own (fp32 by default): a cached pretraining is then shared by runs
+# of any precision, and a "-true" half precision would round the DDPM's float64 schedule.
+_CARRIED_TRAINER_KEYS = ("accelerator",)
+# Dataset keys that do not change the training data: where a file lies (its content hash is in
+# the identity), the test split's size and the metrics (evaluation only).
+_NOT_TRAINING_DATA = ("path", "n_test", "metrics")
 _STAGE_OWN_DATA_KEYS = ("batch_size",)
 # The evaluation settings a stage's summary row must share with the run to be reused.
 EVAL_KEYS = ("n", "draws", "seed", "w2_points", "metrics")
@@ -64,6 +69,12 @@ EVAL_KEYS = ("n", "draws", "seed", "w2_points", "metrics")
 def data_identity(dataset_cfg: DictConfig | dict) -> dict[str, Any]:
     """The identity of the data a ``dataset`` config describes (``ToyDataModule.identity``)."""
     return instantiate(dataset_cfg).identity()
+
+
+def same_data(a: dict[str, Any] | None, b: dict[str, Any] | None) -> bool:
+    """Whether two data identities are the same data (a moved or copied file is the same)."""
+    strip = lambda d: {k: v for k, v in (d or {}).items() if k != "path"}  # noqa: E731
+    return a is not None and b is not None and strip(a) == strip(b)
 
 
 def describe_data(identity: dict[str, Any]) -> str:
@@ -81,7 +92,10 @@ def stage_key(cfg: DictConfig) -> str:
         c.pop(k, None)
     for k in _NOT_IN_CACHE_KEY_TRAINER:
         c.get("trainer", {}).pop(k, None)
-    c["data_identity"] = data_identity(cfg.dataset)
+    ident = data_identity(cfg.dataset)
+    c["data_identity"] = {k: v for k, v in ident.items() if k not in _NOT_TRAINING_DATA}
+    for k in _NOT_TRAINING_DATA:
+        c["dataset"].pop(k, None)
     return hashlib.sha1(json.dumps(c, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -107,7 +121,10 @@ def stage_config(run: DictConfig, overrides: list[str]) -> DictConfig:
             if node in explicit:  # the stage chose its own dataset / backbone group
                 continue
             keep = {k: stage[node][k] for k in _STAGE_OWN_DATA_KEYS if node == "dataset"}
-            stage[node] = OmegaConf.create(OmegaConf.to_container(run[node], resolve=True))
+            carried = OmegaConf.to_container(run[node], resolve=True)
+            if node == "dataset":
+                carried = _resolved_data(carried)
+            stage[node] = OmegaConf.create(carried)
             stage[node].update(keep)
         if "hardware" not in explicit:
             for k in _CARRIED_TRAINER_KEYS:
@@ -116,6 +133,18 @@ def stage_config(run: DictConfig, overrides: list[str]) -> DictConfig:
         for k, v in own.items():  # the stage's explicit overrides stay on top
             OmegaConf.update(stage, k, v, force_add=True)
     return stage
+
+
+def _resolved_data(dataset: dict[str, Any]) -> dict[str, Any]:
+    """A dataset config with what the data decide filled in, as ``diffft.train`` does before
+    it starts any stage: a points file's absolute path and its dimension."""
+    if dataset.get("path"):
+        dataset["path"] = str(Path(dataset["path"]).expanduser().resolve())
+    if dataset.get("dim") is None:
+        dm = instantiate(dataset)
+        dm.setup()
+        dataset["dim"] = dm.dim
+    return dataset
 
 
 def _stage_dir(run: DictConfig, stage: DictConfig) -> tuple[str, Path]:
@@ -229,7 +258,7 @@ def stage_row(stage_dir: Path, run: DictConfig) -> dict[str, list[float]] | None
     theirs = OmegaConf.load(config)
     if any(theirs.eval.get(k) != run.eval.get(k) for k in EVAL_KEYS):
         return None
-    if data_identity(theirs.dataset) != data_identity(run.dataset):
+    if data_identity(theirs.dataset) != data_identity(run.dataset):  # the test split too
         return None
     rows = json.loads(summary.read_text())
     return next((v for k, v in rows.items() if k != "data floor"), None)

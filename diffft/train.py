@@ -25,7 +25,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from diffft.callbacks.evaluation import PeriodicEvaluation
-from diffft.diffusion.sampler import Sampler
+from diffft.diffusion.sampler import SOLVERS, Sampler
 from diffft.evaluation import Evaluator, format_table
 from diffft.methods.base import load_method
 from diffft.methods.ddpm import DDPM
@@ -35,6 +35,8 @@ from diffft.stages import (
     compare_stages,
     data_identity,
     describe_data,
+    same_data,
+    stage_config,
     stage_row,
     start_compare_stages,
 )
@@ -58,7 +60,7 @@ def resolve_data(cfg: DictConfig) -> Any:
 def check_init_data(method: Any, datamodule: Any) -> None:
     """Warn (one line) when the model a method starts from was trained on other data."""
     init = getattr(method, "init_data", None)
-    if init is not None and init != datamodule.identity():
+    if init is not None and not same_data(init, datamodule.identity()):
         log.warning(
             "method.init_from: its DDPM was trained on %s, but this run's data are %s",
             describe_data(init),
@@ -86,6 +88,7 @@ def train(cfg: DictConfig) -> dict[str, dict[str, list[float]]]:
     torch.set_num_threads(cfg.threads)
     out = Path(cfg.paths.output_dir)
     datamodule = resolve_data(cfg)  # first: a bad path fails before any stage trains
+    check_solvers(cfg)
     out.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, out / "config.yaml", resolve=True)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -154,7 +157,7 @@ def report(
         ckpt = cached_stage(cfg, overrides)
         stage_dir = Path(ckpt).parents[1]
         theirs = data_identity(OmegaConf.load(stage_dir / "config.yaml").dataset)
-        if theirs != ours:  # only when the stage's own overrides chose other data
+        if not same_data(theirs, ours):  # only when the stage's own overrides chose other data
             log.warning(
                 "eval.compare %r: trained on %s, but this run's data are %s",
                 name,
@@ -219,6 +222,41 @@ def solver_rows(
         solver = ddpm.solver(int(spec.steps), kind)
         out[f"{solver.label}, {label}" if label else solver.label] = solver
     return out
+
+
+def check_solvers(cfg: DictConfig) -> None:
+    """Check ``eval.solvers`` before anything trains (its rows are built at the very end)."""
+    spec = cfg.eval.get("solvers")
+    if not spec or not spec.get("kinds"):
+        return
+    unknown = [k for k in spec.kinds if k not in SOLVERS]
+    if unknown:
+        raise ValueError(f"eval.solvers.kinds: unknown {unknown}; expected from {sorted(SOLVERS)}")
+    steps = spec.get("steps")
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"eval.solvers.steps={steps!r}; expected an int >= 1")
+    if spec.get("source") is None:
+        if "schedule" not in cfg.method:
+            raise ValueError(
+                "eval.solvers.source is null but this run is not a DDPM; name an eval.compare "
+                "row id (e.g. ddpm_full) whose DDPM the solvers run on"
+            )
+        T = cfg.method.schedule.steps
+    else:
+        compare = compare_stages(cfg)
+        if spec.source not in compare:
+            if spec.source in (cfg.eval.get("compare") or {}) or not cfg.eval.get("compare"):
+                return  # its row was dropped: so are the solver rows
+            raise ValueError(
+                f"eval.solvers.source={spec.source!r} is not an eval.compare row id (known: "
+                f"{sorted(compare)}); name one, or null for this run's own DDPM"
+            )
+        T = stage_config(cfg, compare[spec.source][1]).method.schedule.steps
+    if "ddim" in spec.kinds and T % steps:
+        raise ValueError(
+            f"eval.solvers: ddim needs eval.solvers.steps={steps} to divide the source DDPM's "
+            f"T={T} (diffusers' DDIM steps by T // steps); use eval.solvers.kinds=[dpmpp2m]"
+        )
 
 
 def references_for(cfg: DictConfig, identity: dict[str, Any]) -> dict[str, dict[str, Any]]:

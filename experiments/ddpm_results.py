@@ -79,23 +79,27 @@ SOLVER_STEPS = (10, 4, 2)
 FULL_DRAWS = 10  # as the SFT-PG results (3 seeds x 10 draws), which reuse these rows
 
 
+FULL_EXPERIMENTS = {"swiss": "swiss_roll_ddpm_full", "gauss": "eight_gaussians_ddpm_full"}
+
+
 @dataclass(frozen=True)
 class FullRow:
-    """The T = 1000 swiss-roll DDPM on the sinusoidal time-embedding MLP (one seed), with the
-    DDIM / DPM-Solver++ rows at ``SOLVER_STEPS`` evaluated on it in the same run."""
+    """A T = 1000 DDPM on the sinusoidal time-embedding MLP (one seed, ``table`` "swiss" or
+    "gauss"), with the DDIM / DPM-Solver++ rows at ``SOLVER_STEPS`` evaluated in the same run."""
 
+    table: str
     seed: int
 
     @property
     def id(self) -> str:
-        return f"swiss-full-T1000-s{self.seed}"
+        return f"{self.table}-full-T1000-s{self.seed}"
 
     def overrides(self) -> list[str]:
         solvers = ",".join(
             f"{{steps:{s},solver:{k}}}" for s in SOLVER_STEPS for k in ("ddim", "dpmpp2m")
         )
         return [
-            "experiment=swiss_roll_ddpm_full",
+            f"experiment={FULL_EXPERIMENTS[self.table]}",
             "backbone=sinusoidal_mlp",
             f"seed={self.seed}",
             f"eval.draws={FULL_DRAWS}",
@@ -103,7 +107,7 @@ class FullRow:
         ]
 
 
-FULL_ROWS = [FullRow(s) for s in SEEDS]
+FULL_ROWS = [FullRow(t, s) for t in ("swiss", "gauss") for s in SEEDS]
 METRICS = {"swiss": ["sw_paper", "sw", "w2"], "gauss": ["sw", "w2"]}
 LABELS = {
     "sw_paper": "sw_paper (SW2 100 proj vs train, ×1e-2)",
@@ -181,10 +185,10 @@ def load(runs: Path, row: Row) -> dict[str, list[float]] | None:
     return model
 
 
-def full_rows(runs: Path) -> tuple[dict[str, dict[str, list[float]]], int]:
-    """Every sampler row of the ``FULL_ROWS`` runs pooled over seeds (seeds x draws), and the
-    number of seeds that have run."""
-    paths = [runs / r.id / "summary.json" for r in FULL_ROWS]
+def full_rows(runs: Path, name: str) -> tuple[dict[str, dict[str, list[float]]], int]:
+    """Every sampler row of table ``name``'s ``FULL_ROWS`` runs pooled over seeds (seeds x
+    draws), and the number of seeds that have run."""
+    paths = [runs / r.id / "summary.json" for r in FULL_ROWS if r.table == name]
     done = [json.loads(p.read_text()) for p in paths if p.is_file()]
     pooled: dict[str, dict[str, list[float]]] = {}
     for summary in done:
@@ -196,18 +200,19 @@ def full_rows(runs: Path) -> tuple[dict[str, dict[str, list[float]]], int]:
     return pooled, len(done)
 
 
-def full_table(runs: Path) -> str:
-    rows, seeds = full_rows(runs)
+def full_table(runs: Path, name: str) -> str:
+    rows, seeds = full_rows(runs, name)
     if not rows:
         return "not run yet."
-    metrics = METRICS["swiss"]
+    metrics, paper_t1000 = METRICS[name], (SR_PAPER if name == "swiss" else EG_PAPER)[1000]
     head = ["model", *(LABELS[m] for m in metrics), "paper"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for name, vals in rows.items():
-        paper = SR_PAPER[1000] if name == "DDPM T=1000" else "–"
+    for row, vals in rows.items():
+        paper = paper_t1000 if row == "DDPM T=1000" else "–"
         cells = [cell(vals.get(m)) for m in metrics]
-        lines.append(f"| {name} ({seeds} seeds) | " + " | ".join(cells) + f" | {paper} |")
-    cfg = OmegaConf.load(runs / FULL_ROWS[0].id / "config.yaml")
+        lines.append(f"| {row} ({seeds} seeds) | " + " | ".join(cells) + f" | {paper} |")
+    first = next(r for r in FULL_ROWS if r.table == name)
+    cfg = OmegaConf.load(runs / first.id / "config.yaml")
     cells = [cell(evaluator(cfg).floor().get(m)) for m in metrics]
     lines.append("| data floor | " + " | ".join(cells) + " | – |")
     return "\n".join(lines)
@@ -340,11 +345,18 @@ samples per cell. The DDIM (eta = 0) and DPM-Solver++(2M) rows are diffusers' sc
 (trailing timesteps) driven by the same eps-network at T' steps: what a user would try instead
 of fine-tuning (`diffft.diffusion.sampler`).
 
-{full_table(runs)}
+{full_table(runs, "swiss")}
 
 ## 8 gaussians (DxMI Table 1; paper column = sw)
 
 {eg}
+
+## 8 gaussians, full chain T = 1000 on the sinusoidal time-embedding MLP, and solvers on it
+
+`experiment=eight_gaussians_ddpm_full backbone=sinusoidal_mlp` (width 64, sigmoid betas,
+batch 512, 20K Adam steps at lr 1e-3), {len(SEEDS)} seeds x {FULL_DRAWS} draws of {n} samples.
+
+{full_table(runs, "gauss")}
 
 ## Notes
 

@@ -238,11 +238,11 @@ def table(rows: dict[str, dict[str, list[float]]], metrics: tuple[str, ...]) -> 
     return "\n".join(lines) + "\n\n" + "\n".join(verdicts) + "\n"
 
 
-def solver_rows(steps: int) -> dict[str, dict[str, list[float]]]:
+def solver_rows(steps: int, name: str = "swiss") -> dict[str, dict[str, list[float]]]:
     """What a user would pick instead at the same T': DDIM and DPM-Solver++(2M) on the T = 1000
     DDPM (sinusoidal MLP), and that DDPM's own 1000-step chain, from the full-chain runs of
     ``ddpm_results.py`` (3 seeds x 10 draws of 10K, as the SFT-PG rows)."""
-    rows, seeds = full_rows(ROOT / "experiments" / "runs" / "ddpm")
+    rows, seeds = full_rows(ROOT / "experiments" / "runs" / "ddpm", name)
     out = {
         f"{name}, on the DDPM T=1000 ({seeds} seeds)": rows[name]
         for name in (f"DDIM T'={steps}", f"DPM-Solver++(2M) T'={steps}")
@@ -251,6 +251,14 @@ def solver_rows(steps: int) -> dict[str, dict[str, list[float]]]:
     if "DDPM T=1000" in rows:
         out[f"DDPM T=1000 full chain, sinusoidal MLP ({seeds} seeds)"] = rows["DDPM T=1000"]
     return out
+
+
+SOLVER_NOTE = (
+    "Solver rows (DDIM / DPM-Solver++(2M) at the table's T', and the T = 1000 DDPM they run on): "
+    "`python experiments/ddpm_results.py --jobs 2` (its full-chain runs, 3 seeds x 10 draws) "
+    "then `python experiments/sft_pg_results.py --solver-rows-only` ({date}); the other rows are "
+    "from the command above, unchanged."
+)
 
 
 def is_solver_row(name: str) -> bool:
@@ -262,36 +270,46 @@ def insert_solver_rows(path: Path) -> None:
     (replacing earlier ones), with a line comparing the best solver to SFT-PG: for when the
     SFT-PG runs themselves are not on this machine (their rows stay as measured)."""
     lines, out, steps = path.read_text().splitlines(), [], None
-    m = METRICS["swiss"]
     for line in lines:
         if line.startswith("## "):
-            steps = int(line.split("= ")[1]) if line.startswith("## Swiss roll, T' =") else None
+            steps, table_name, start = None, "swiss", len(out)
+            if line.startswith("## Swiss roll, T' ="):
+                steps = int(line.split("= ")[1])
+            elif line.startswith("## 8 gaussians, T' = 10"):
+                steps, table_name = 10, "gauss"
+            m = METRICS[table_name]
         name = line[2:].split(" | ")[0] if line.startswith("| ") else ""
-        if steps is not None and (is_solver_row(name) or line.startswith("- Best solver")):
+        if line.startswith(SOLVER_NOTE[:12]) or (
+            steps is not None and (is_solver_row(name) or line.startswith("- Best training-free"))
+        ):
             continue
         if steps is not None and name == "data floor":
-            rows = solver_rows(steps)
+            rows = solver_rows(steps, table_name)
             out += [f"| {k} | " + " | ".join(cell(v[x]) for x in m) + " |" for k, v in rows.items()]
             floor_line = line
         out.append(line)
+        if line.startswith("Command:"):
+            out.append(SOLVER_NOTE.format(date=time.strftime("%Y-%m-%d %H:%M")))
         if steps is not None and line.startswith("- ") and out[-2] == "":  # first verdict
-            out.insert(len(out) - 1, solver_verdict(steps, out, floor_line))
+            out.insert(len(out) - 1, solver_verdict(steps, out[start:], floor_line, m[0]))
     path.write_text("\n".join(out) + "\n")
 
 
-def solver_verdict(steps: int, table_lines: list[str], floor_line: str) -> str:
+def solver_verdict(steps: int, table_lines: list[str], floor_line: str, metric: str) -> str:
     """'- Best solver at T' = N: ...' from the rendered rows (mean of the first cell)."""
     first = lambda ln: float(ln.split(" | ")[1].split(" ± ")[0])  # noqa: E731
-    solvers = [ln for ln in table_lines if ln[2:].startswith(("DDIM", "DPM-Solver"))]
-    tuned = [ln for ln in table_lines if ln[2:].startswith(f"SFT-PG T'={steps} (fast config, 3")]
+    rows = [ln for ln in table_lines if ln.startswith("| ")]
+    solvers = [ln for ln in rows if ln[2:].startswith(("DDIM", "DPM-Solver"))]
+    names = (f"SFT-PG T'={steps} (fast config, 3 seeds) |", "SFT-PG T'=10 (3 seeds) |")
+    tuned = [ln for ln in rows if ln[2:].startswith(names)]
     if not solvers or not tuned:
-        return "- Best solver: (rows missing)"
+        return "- Best training-free solver: (rows missing)"
     best = min(solvers, key=first)
-    name, value, sft = best[2:].split(" | ")[0], first(best), first(tuned[-1])
+    name, value, sft = best[2:].split(" | ")[0], first(best), first(tuned[0])
     return (
-        f"- Best solver at T' = {steps}: {name}, sw_paper {value:.3g} vs SFT-PG (fast config) "
-        f"{sft:.3g} and the floor {first(floor_line):.3g}: SFT-PG is {value / sft:.1f}x closer "
-        "to the data."
+        f"- Best training-free solver at T' = {steps}: {name}, {metric} {value:.3g} vs SFT-PG "
+        f"{sft:.3g} (floor {first(floor_line):.3g}): solver / SFT-PG = {value / sft:.2f} "
+        "(> 1: the fine-tuned chain is closer to the data)."
     )
 
 
@@ -345,6 +363,7 @@ def gauss_table() -> str:
         "DDPM T=10 cosine (strong baseline)": pooled(
             [strong(10, "eight_gaussians_ddpm")], "DDPM", m
         ),
+        **solver_rows(10, "gauss"),
     }
     return table({**rows, **references("eight_gaussians", m)}, m)
 

@@ -31,7 +31,7 @@ def test_stage_config_takes_the_runs_data_and_keeps_its_own_explicit_keys(make_c
     assert (
         stage.dataset.seed == 3 and stage.dataset.test_fraction == 0.3
     )  # explicit on top, rest carried
-    assert stage.method.dim is None  # interpolates the carried dataset.dim (null: the file's)
+    assert stage.method.dim == 3  # the carried dataset.dim, taken from the file
     full = stage_config(run, ["experiment=swiss_roll_ddpm_full", "backbone=sinusoidal_mlp"])
     assert full.backbone._target_.endswith("SinusoidalTimeMLP")
     assert full.dataset.batch_size == 256  # the stage's recipe, not the run's 128
@@ -104,3 +104,25 @@ def test_train_runs_from_another_directory(tmp_path):
         check=True,
     ).stdout
     assert "task_name: swiss_roll_sft_pg_fast" in out and "SinusoidalTimeMLP" not in out
+
+
+def test_the_cache_key_follows_the_training_data_only(make_cfg, tmp_path):
+    pre = ["experiment=swiss_roll_ddpm"]
+    key = lambda *o: stage_key(stage_config(make_cfg("experiment=swiss_roll_sft_pg", *o), pre))  # noqa: E731
+    assert key() == key("dataset.metrics=[sw]") == key("dataset.n_test=2000")
+    assert key() != key("dataset.n_train=5000") != key("dataset.seed=1")
+    np.save(tmp_path / "a.npy", helix())
+    np.save(tmp_path / "b.npy", helix())  # the same points in another file
+    files = [f"dataset.path={tmp_path}/{f}.npy" for f in "ab"]
+    assert key("dataset=points_file", files[0]) == key("dataset=points_file", files[1])
+
+
+def test_bad_solver_rows_fail_before_training(make_cfg, monkeypatch):
+    import diffft.train as dtrain
+
+    monkeypatch.setattr(dtrain, "cached_stage", lambda *a: pytest.fail("trained a stage"))
+    cfg = make_cfg("experiment=swiss_roll_sft_pg", "debug=fast", "method.sampler.steps=3")
+    with pytest.raises(ValueError, match="ddim needs eval.solvers.steps=3 to divide .* T=1000"):
+        train(cfg)
+    with pytest.raises(ValueError, match="eval.solvers.kinds: unknown \\['heun'\\]"):
+        train(make_cfg("experiment=swiss_roll_sft_pg", "debug=fast", "eval.solvers.kinds=[heun]"))

@@ -27,6 +27,7 @@ class PeriodicEvaluation(L.Callback):
             draws=1,
             seed=evaluator.seed,
             w2_points=min(n, evaluator.w2_points),
+            batch_size=evaluator.batch_size,
         )
 
     def on_train_start(self, trainer: L.Trainer, pl_module: Any) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import inspect
 from typing import Any
 
 import lightning as L
@@ -65,7 +66,7 @@ class SamplerMethod(L.LightningModule):
         checkpoint["diffft_data"] = self.data_identity
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.data_identity = checkpoint.get("diffft_data")
+        self.data_identity = checkpoint.get("diffft_data", self.data_identity)
 
 
 def load_method(path: str) -> SamplerMethod:
@@ -75,8 +76,10 @@ def load_method(path: str) -> SamplerMethod:
         raise ValueError(f"ckpt: '{path}' was not written by diffft.train (no 'diffft_method')")
     module, _, name = ckpt["diffft_method"].rpartition(".")
     cls = getattr(importlib.import_module(module), name)
-    # What LightningModule.load_from_checkpoint does, without reading the file a second time.
-    method = cls(**ckpt["hyper_parameters"])
+    # What LightningModule.load_from_checkpoint does, without reading the file a second time;
+    # like it, hyper-parameters that are no longer arguments (older versions) are dropped.
+    known = inspect.signature(cls.__init__).parameters
+    method = cls(**{k: v for k, v in ckpt["hyper_parameters"].items() if k in known})
     method.on_load_checkpoint(ckpt)
     method.load_state_dict(ckpt["state_dict"])
     return method

@@ -112,7 +112,8 @@ class DDPM(SamplerMethod):
         """A training-free ``steps``-step diffusers solver (``ddim``, ``dpmpp2m``) on the
         evaluated eps-network."""
         net = self.eval_chain.eps_net
-        return SchedulerSampler(net, self.betas, steps, solver, (self.hparams.dim,)).to(self.device)
+        sampler = SchedulerSampler(net, self.betas, steps, solver, (self.hparams.dim,))
+        return sampler.to(self.device).eval()  # its borrowed eps-net is not switched to train
 
     def samplers(self) -> dict[str, Sampler]:
         out: dict[str, Sampler] = {f"DDPM T={self.chain.steps}": self.eval_chain}
