@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from diffft.diffusion.sampler import Sampler
+from diffft.locks import file_lock
 from diffft.metrics.ot import exact_w2, mean_sd, sliced_w2
 
 
@@ -128,22 +129,26 @@ class Evaluator:
         out = {}
         for name in self.metrics:
             key = self._cache_key(name)
-            path = self.cache_dir / "floors" / f"{key}.json" if self.cache_dir else None
-            if path is not None and path.is_file():
-                out[name] = json.loads(path.read_text())["values"]
+            if self.cache_dir is None:
+                out[name] = self._floor_values(name)
                 continue
-            reference = METRICS[name].reference
-            values = [
-                self._score(name, self.dm.fresh(self._points(name), d, reference), d)
-                for d in range(self.floor_draws)
-            ]
-            if path is not None:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_suffix(f".{os.getpid()}.tmp")  # parallel runs read whole files
-                tmp.write_text(json.dumps({"metric": name, "values": values}))
-                os.replace(tmp, path)
-            out[name] = values
+            path = self.cache_dir / "floors" / f"{key}.json"
+            # Parallel runs (a run and its background stage) compute a floor once.
+            with file_lock(path.with_suffix(".lock"), f"floor {key}"):
+                if not path.is_file():
+                    values = self._floor_values(name)
+                    tmp = path.with_suffix(f".{os.getpid()}.tmp")  # readers see whole files
+                    tmp.write_text(json.dumps({"metric": name, "values": values}))
+                    os.replace(tmp, path)
+            out[name] = json.loads(path.read_text())["values"]
         return out
+
+    def _floor_values(self, name: str) -> list[float]:
+        reference = METRICS[name].reference
+        return [
+            self._score(name, self.dm.fresh(self._points(name), d, reference), d)
+            for d in range(self.floor_draws)
+        ]
 
     def _cache_key(self, name: str) -> str:
         data = {k: v for k, v in self.dm.identity().items() if k != "path"}  # a moved file too

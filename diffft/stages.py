@@ -18,26 +18,22 @@ only when its data identity and evaluation settings match the run's.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-
-try:
-    import fcntl
-except ImportError:  # Windows
-    fcntl = None  # type: ignore[assignment]
 
 from hydra import compose
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
+
+from diffft.locks import file_lock
 
 log = logging.getLogger("diffft")
 
@@ -170,7 +166,7 @@ def cached_stage(
     key, out = _stage_dir(run, stage)
     ckpt = out / "checkpoints" / "last.ckpt"
     out.parent.mkdir(parents=True, exist_ok=True)
-    with _file_lock(out.parent / f"{out.name}.lock", f"cached stage {overrides}"):
+    with file_lock(out.parent / f"{out.name}.lock", f"cached stage {overrides}"):
         if is_cached(out):
             log.info("cached stage %s: reusing %s", overrides, ckpt)
             return str(ckpt)
@@ -185,23 +181,6 @@ def cached_stage(
         train(stage)
         (out / "done").write_text(key)
     return str(ckpt)
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path, what: str) -> Iterator[None]:
-    """An exclusive advisory lock on ``path`` (POSIX ``flock``; no lock where unavailable)."""
-    with open(path, "a") as f:
-        if fcntl is not None:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                log.info("%s: another run holds %s; waiting for it", what, path)
-                fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            if fcntl is not None:
-                fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def compare_stages(cfg: DictConfig) -> dict[str, tuple[str, list[str]]]:
