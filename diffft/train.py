@@ -29,7 +29,6 @@ from diffft.callbacks.evaluation import PeriodicEvaluation
 from diffft.diffusion.sampler import SOLVERS, Sampler
 from diffft.evaluation import Evaluator, format_table
 from diffft.methods.base import load_method
-from diffft.methods.ddpm import DDPM
 from diffft.plots import scatter_samples
 from diffft.stages import (
     cached_stage,
@@ -200,28 +199,20 @@ def solver_rows(
 ) -> dict[str, Sampler]:
     """The training-free solver rows (``eval.solvers``): each of ``kinds`` (``ddim``,
     ``dpmpp2m``) run for ``steps`` steps on the DDPM of the compare row ``source`` (null: this
-    run's own DDPM), labelled with the model they come from."""
+    run's own DDPM), labelled with the model they come from (``check_solvers`` has checked
+    the spec)."""
     spec = cfg.eval.get("solvers")
     if not spec or not spec.get("kinds"):
         return {}
+    # check_solvers validated the spec before training; a source row dropped by the run's
+    # config (eval.compare.ID=null) drops its solver rows too.
     if spec.get("source") is None:
-        if not isinstance(method, DDPM):
-            raise ValueError(
-                "eval.solvers.source is null but this run is not a DDPM; name an eval.compare "
-                "row id (e.g. ddpm_full) whose DDPM the solvers run on"
-            )
         label, ddpm = "", method
-    elif spec.source not in stage_models:
-        compare = cfg.eval.get("compare") or {}
-        if spec.source in compare or not compare:  # its row was dropped: so are the solvers
-            log.info("eval.solvers: row %r dropped, so are the solver rows", spec.source)
-            return {}
-        raise ValueError(
-            f"eval.solvers.source={spec.source!r} is not an eval.compare row id (known: "
-            f"{sorted(compare)}); name one, or null for this run's own DDPM"
-        )
-    else:
+    elif spec.source in stage_models:
         label, ddpm = stage_models[spec.source]
+    else:
+        log.info("eval.solvers: row %r dropped, so are the solver rows", spec.source)
+        return {}
     out: dict[str, Sampler] = {}
     for kind in spec.kinds:
         solver = ddpm.solver(int(spec.steps), kind)
