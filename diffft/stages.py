@@ -3,12 +3,13 @@ each trained once and cached under ``paths.cache_dir`` by a hash of its resolved
 
 **The stage rule** (one place, for every kind of stage): a stage is composed from its own
 overrides (e.g. ``[experiment=swiss_roll_ddpm, method.schedule.steps=1000]``), then the run's
-``dataset`` node (every value, the file path included), ``backbone`` node and compute keys
-(``trainer.accelerator``, ``trainer.precision``) replace the stage's, and finally the keys the
-stage's overrides name explicitly (``backbone=...``, ``dataset.batch_size=...``) are put back on
-top. So every row of a table is trained on the data the table is about. Two things stay the
-stage's own: ``dataset.batch_size`` (a training hyper-parameter of the stage's recipe, not the
-data) and the device count / strategy (a stage trains on one device, outside any process group).
+``dataset`` node (every value, the file path included), ``backbone`` node and
+``trainer.accelerator`` replace the stage's, and finally the keys the stage's overrides name
+explicitly (``backbone=...``, ``dataset.batch_size=...``) are put back on top. So every row of a
+table is trained on the data the table is about. Some things stay the stage's own:
+``dataset.batch_size`` (a training hyper-parameter of the stage's recipe, not the data), the
+precision, and the device count / strategy (a stage trains on one device, outside any process
+group).
 
 The cache key is the stage's resolved config without output, logging, evaluation and device-count
 keys, plus the data's identity (``ToyDataModule.identity``: a points file by its content hash),
@@ -109,18 +110,18 @@ def stage_config(run: DictConfig, overrides: list[str]) -> DictConfig:
         overrides = [*overrides, f"debug={run.pretrain.debug}"]
     stage = compose(config_name="train", overrides=[*overrides, "paths.output_dir=unset"])
     explicit = _explicit_keys(overrides)
-    carried = (*_CARRIED_NODES, "trainer")
-    own = {k: OmegaConf.select(stage, k) for k in explicit if k.split(".")[0] in carried}
+    roots = (*_CARRIED_NODES, "trainer")
+    own = {k: OmegaConf.select(stage, k) for k in explicit if k.split(".")[0] in roots}
     own = {k: v for k, v in own.items() if "." in k}
     with open_dict(stage):
         for node in _CARRIED_NODES:
             if node in explicit:  # the stage chose its own dataset / backbone group
                 continue
             keep = {k: stage[node][k] for k in _STAGE_OWN_DATA_KEYS if node == "dataset"}
-            carried = OmegaConf.to_container(run[node], resolve=True)
+            value = OmegaConf.to_container(run[node], resolve=True)
             if node == "dataset":
-                carried = _resolved_data(carried)
-            stage[node] = OmegaConf.create(carried)
+                value, _ = resolve_dataset(value)
+            stage[node] = OmegaConf.create(value)
             stage[node].update(keep)
         if "hardware" not in explicit:
             for k in _CARRIED_TRAINER_KEYS:
@@ -131,16 +132,16 @@ def stage_config(run: DictConfig, overrides: list[str]) -> DictConfig:
     return stage
 
 
-def _resolved_data(dataset: dict[str, Any]) -> dict[str, Any]:
-    """A dataset config with what the data decide filled in, as ``diffft.train`` does before
-    it starts any stage: a points file's absolute path and its dimension."""
+def resolve_dataset(dataset: dict[str, Any]) -> tuple[dict[str, Any], Any]:
+    """A dataset config with what the data decide filled in (a points file's absolute path, so
+    every process names the same file; ``dim=null``: the data's own dimension), and its set-up
+    datamodule. ``diffft.train`` resolves the run's data with it before any stage starts."""
     if dataset.get("path"):
         dataset["path"] = str(Path(dataset["path"]).expanduser().resolve())
-    if dataset.get("dim") is None:
-        dm = instantiate(dataset)
-        dm.setup()
-        dataset["dim"] = dm.dim
-    return dataset
+    dm = instantiate(dataset)
+    dm.setup("fit")
+    dataset["dim"] = dm.dim
+    return dataset, dm
 
 
 def _stage_dir(run: DictConfig, stage: DictConfig) -> tuple[str, Path]:
@@ -228,16 +229,19 @@ def start_compare_stages(cfg: DictConfig) -> list[subprocess.Popen]:
     return procs
 
 
-def stage_row(stage_dir: Path, run: DictConfig) -> dict[str, list[float]] | None:
+def stage_row(
+    stage_dir: Path, run: DictConfig, theirs: dict[str, Any], ours: dict[str, Any]
+) -> dict[str, list[float]] | None:
     """The main row of a cached stage's summary, when it was evaluated as ``run`` evaluates and
-    on the same data (else None: the row is evaluated again)."""
+    on the same data (``theirs`` vs ``ours``: data identities, the test split included; else
+    None: the row is evaluated again)."""
     summary, config = stage_dir / "summary.json", stage_dir / "config.yaml"
     if not (summary.is_file() and config.is_file()):
         return None
-    theirs = OmegaConf.load(config)
-    if any(theirs.eval.get(k) != run.eval.get(k) for k in EVAL_KEYS):
+    stage_eval = OmegaConf.load(config).eval
+    if any(stage_eval.get(k) != run.eval.get(k) for k in EVAL_KEYS):
         return None
-    if data_identity(theirs.dataset) != data_identity(run.dataset):  # the test split too
+    if not same_data(theirs, ours):
         return None
     rows = json.loads(summary.read_text())
     return next((v for k, v in rows.items() if k != "data floor"), None)

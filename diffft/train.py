@@ -35,6 +35,7 @@ from diffft.stages import (
     compare_stages,
     data_identity,
     describe_data,
+    resolve_dataset,
     same_data,
     stage_config,
     stage_row,
@@ -48,12 +49,11 @@ def resolve_data(cfg: DictConfig) -> Any:
     """Build the run's datamodule and write what the data decide back into ``cfg``: the
     dimension (``dataset.dim=null`` takes a points file's column count) and the absolute path of
     a points file, so the saved config and every stage name the same data from any directory."""
+    resolved, datamodule = resolve_dataset(OmegaConf.to_container(cfg.dataset, resolve=True))
     with open_dict(cfg):
-        if cfg.dataset.get("path"):
-            cfg.dataset.path = str(Path(cfg.dataset.path).expanduser().resolve())
-        datamodule = instantiate(cfg.dataset)
-        datamodule.setup("fit")
-        cfg.dataset.dim = datamodule.dim
+        if resolved.get("path"):
+            cfg.dataset.path = resolved["path"]
+        cfg.dataset.dim = resolved["dim"]
     return datamodule
 
 
@@ -166,7 +166,7 @@ def report(
             )
         stage_models[row_id] = (name, load_method(ckpt).eval().to(method.device))
         samplers[name] = stage_models[row_id][1].eval_chain
-        stage_rows[name] = stage_row(stage_dir, cfg)
+        stage_rows[name] = stage_row(stage_dir, cfg, theirs, ours)
     samplers.update(solver_rows(cfg, method, stage_models))
     todo = [name for name in samplers if not stage_rows.get(name)]
     # Rows in parallel threads (torch and POT release the GIL; each row has its own seeded
