@@ -19,19 +19,22 @@ only when its data identity and evaluation settings match the run's.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from hydra import compose
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.utils import instantiate
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from diffft.locks import file_lock
@@ -179,9 +182,42 @@ def cached_stage(
             stage.paths.cache_dir = run.paths.cache_dir
             stage.threads = run.threads
             stage.trainer.enable_progress_bar = run.trainer.enable_progress_bar
-        train(stage)
+        with single_process():
+            train(stage)
         (out / "done").write_text(key)
     return str(ckpt)
+
+
+# What tells Lightning (and torch.distributed) that a process is one rank of many: set by
+# Lightning's DDP launcher for its ranks, by torchrun, and by SLURM in every task of a job.
+_RANK_ENV = ("LOCAL_RANK", "RANK", "WORLD_SIZE", "NODE_RANK", "GROUP_RANK", "LOCAL_WORLD_SIZE")
+_RANK_ENV_PREFIXES = ("MASTER_", "SLURM_", "TORCHELASTIC_", "PL_")
+
+
+def single_process_env(env: dict[str, str] | os._Environ) -> dict[str, str]:
+    """``env`` without the variables that make Lightning start a stage as one rank of a DDP or
+    SLURM job (a stage trains on one device, its data unsharded)."""
+    return {
+        k: v for k, v in env.items() if k not in _RANK_ENV and not k.startswith(_RANK_ENV_PREFIXES)
+    }
+
+
+@contextlib.contextmanager
+def single_process() -> Iterator[None]:
+    """Train a stage in this process as a single-process run, even inside a rank of a DDP or
+    SLURM job: the rank variables are hidden and Lightning's rank-zero guard set to 0 meanwhile
+    (the stage's logs and checkpoints are written). No process group is alive at this point:
+    pretraining runs before ``fit``, compare stages after ``train`` has destroyed the group."""
+    saved_env, saved_rank = dict(os.environ), rank_zero_only.rank
+    os.environ.clear()
+    os.environ.update(single_process_env(saved_env))
+    rank_zero_only.rank = 0
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved_env)
+        rank_zero_only.rank = saved_rank
 
 
 def compare_stages(cfg: DictConfig) -> dict[str, tuple[str, list[str]]]:
@@ -224,7 +260,8 @@ def start_compare_stages(cfg: DictConfig) -> list[subprocess.Popen]:
         cmd = [sys.executable, "-m", "diffft.train_stage", str(out / "config.yaml"), *overrides]
         path = out / f"compare_stage_{i}.log"
         with open(path, "w") as f:
-            procs.append(subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT))
+            env = single_process_env(os.environ)
+            procs.append(subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env))
         log.info("compare stage %s: training in the background (log %s)", overrides, path)
     return procs
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from typing import Any
 import hydra
 import lightning as L
 import torch
+import torch.distributed as dist
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
@@ -25,10 +27,12 @@ from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from diffft.callbacks.checkpoint import LastCheckpoint
 from diffft.callbacks.evaluation import PeriodicEvaluation
 from diffft.diffusion.sampler import SOLVERS, Sampler
 from diffft.evaluation import Evaluator, format_table
-from diffft.methods.base import load_method
+from diffft.media import finish, log_config, log_image
+from diffft.methods.base import NonFiniteLossError, load_method
 from diffft.plots import scatter_samples
 from diffft.stages import (
     cached_stage,
@@ -73,14 +77,46 @@ def build_trainer(cfg: DictConfig, evaluator: Evaluator) -> L.Trainer:
     callbacks: list[L.Callback] = []
     if cfg.eval.every_n_batches > 0:
         callbacks.append(
-            PeriodicEvaluation(evaluator, cfg.eval.every_n_batches, cfg.eval.periodic_n)
+            PeriodicEvaluation(
+                evaluator,
+                cfg.eval.every_n_batches,
+                cfg.eval.periodic_n,
+                plot_dir=out / "plots" if cfg.eval.get("periodic_plots") else None,
+            )
         )
     callbacks += [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
+    # last.ckpt = the end of training (and of a Ctrl-C), whatever the checkpoint intervals say.
+    callbacks.append(LastCheckpoint(out / "checkpoints"))
     if cfg.trainer.get("enable_progress_bar", True):
         # Redrawn every batch, tqdm costs ~0.4 ms of a 2 ms toy step.
         callbacks.append(TQDMProgressBar(refresh_rate=cfg.progress_refresh_rate))
     logger = instantiate(cfg.logger) if cfg.get("logger") else False
     return instantiate(cfg.trainer, callbacks=callbacks, logger=logger, default_root_dir=out)
+
+
+def check_writable(cfg: DictConfig) -> None:
+    """Fail before anything trains when the output or cache directory cannot be written."""
+    for key in ("output_dir", "cache_dir"):
+        path = Path(cfg.paths[key])
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            probe = path / f".write-test-{rank_zero_only.rank}"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as err:
+            raise ValueError(
+                f"paths.{key}='{path}' is not writable ({err.strerror or err}); set "
+                f"paths.{key}=DIR (or hydra.run.dir / hydra.sweep.dir) to a writable directory"
+            ) from None
+
+
+def effective_batch(cfg: DictConfig, world_size: int) -> dict[str, Any]:
+    """What one optimiser step averages over under DDP: every per-rank batch size x ranks."""
+    sizes = {"batch_size": cfg.dataset.batch_size}  # dataset.batch_size
+    for key, value in cfg.method.items():  # method.rollout_batch, method.generator_batch, ...
+        if str(key).endswith("_batch") and isinstance(value, int):
+            sizes[str(key)] = value
+    return {"world_size": world_size, **{k: v * world_size for k, v in sizes.items()}}
 
 
 def train(cfg: DictConfig) -> dict[str, dict[str, list[float]]]:
@@ -89,8 +125,25 @@ def train(cfg: DictConfig) -> dict[str, dict[str, list[float]]]:
     out = Path(cfg.paths.output_dir)
     datamodule = resolve_data(cfg)  # first: a bad path fails before any stage trains
     check_solvers(cfg)
-    out.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(cfg, out / "config.yaml", resolve=True)
+    check_writable(cfg)
+    evaluator = Evaluator(
+        datamodule,
+        list(cfg.eval.metrics),
+        n=cfg.eval.n,
+        draws=cfg.eval.draws,
+        seed=cfg.eval.seed,
+        w2_points=cfg.eval.w2_points,
+        cache_dir=cfg.paths.cache_dir,
+        floor_draws=cfg.eval.floor_draws,
+        batch_size=cfg.eval.get("batch_size"),
+    )
+    trainer = build_trainer(cfg, evaluator)
+    with open_dict(cfg):
+        cfg.effective_batch = effective_batch(cfg, trainer.world_size)
+    if trainer.is_global_zero:
+        OmegaConf.save(cfg, out / "config.yaml", resolve=True)
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+        log_config(trainer.loggers, resolved, out / "config.yaml")
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     # Before the pretraining stage, so that both stages train at once on two cores.
     background = start_compare_stages(cfg) if rank_zero_only.rank == 0 else []
@@ -114,35 +167,33 @@ def train(cfg: DictConfig) -> dict[str, dict[str, list[float]]]:
             raise err.__cause__ from None
         raise
     method.data_identity = datamodule.identity()  # saved in its checkpoints
+    method.seed = cfg.seed  # with the rank and the batch count: each batch's random stream
     check_init_data(method, datamodule)
-    evaluator = Evaluator(
-        datamodule,
-        list(cfg.eval.metrics),
-        n=cfg.eval.n,
-        draws=cfg.eval.draws,
-        seed=cfg.eval.seed,
-        w2_points=cfg.eval.w2_points,
-        cache_dir=cfg.paths.cache_dir,
-        floor_draws=cfg.eval.floor_draws,
-        batch_size=cfg.eval.get("batch_size"),
-    )
-    trainer = build_trainer(cfg, evaluator)
     trainer.fit(method, datamodule, ckpt_path=cfg.get("ckpt_path"))
-    if trainer.checkpoint_callbacks:
-        # ModelCheckpoint(save_last=True) rewrites last.ckpt only when it saves a new best one;
-        # this makes last.ckpt the end of training, whatever the intervals and the monitor say.
-        trainer.save_checkpoint(out / "checkpoints" / "last.ckpt")
+    if dist.is_available() and dist.is_initialized():
+        # The evaluation below and any compare stage it trains run outside the process group
+        # (a stage inside it would see a shard of the data); the other ranks stop here.
+        trainer.strategy.barrier("diffft.train: end of fit")
+        dist.destroy_process_group()
     if trainer.global_rank != 0:
         return {}
+    # Lightning's teardown leaves the module on the CPU; evaluate on the configured device.
+    method.to(cfg.eval.get("device") or trainer.strategy.root_device)
     try:
-        return report(cfg, method, datamodule, evaluator, out)
+        return report(cfg, method, datamodule, evaluator, out, trainer.loggers)
     finally:
+        finish(trainer.loggers)
         for proc in background:  # normally finished: report() waited for their stage locks
             proc.wait()
 
 
 def report(
-    cfg: DictConfig, method: Any, datamodule: Any, evaluator: Evaluator, out: Path
+    cfg: DictConfig,
+    method: Any,
+    datamodule: Any,
+    evaluator: Evaluator,
+    out: Path,
+    loggers: list[Any] | None = None,
 ) -> dict[str, dict[str, list[float]]]:
     """Evaluate every sampler of ``method`` (plus any extra ``eval.compare`` checkpoints) beside
     the floor; print and save the table and a scatter plot."""
@@ -190,6 +241,7 @@ def report(
             for name, s in samplers.items()
         }
     scatter_samples(shown, datamodule.train, out / "samples.png")
+    log_image(loggers or [], "samples/final", out / "samples.png", step=method.batches_done)
     print("\n" + header + "\n" + table + f"\n\noutputs: {out}\n", flush=True)
     return rows
 
@@ -279,7 +331,11 @@ def check_overrides(overrides: list[str]) -> None:
 @hydra.main(version_base="1.3", config_path="pkg://diffft.conf", config_name="train")
 def main(cfg: DictConfig) -> None:
     check_overrides(list(HydraConfig.get().overrides.task))
-    train(cfg)
+    try:
+        train(cfg)
+    except NonFiniteLossError as err:  # one line, not a traceback through Lightning's loop
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

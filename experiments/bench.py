@@ -16,10 +16,12 @@ import argparse
 import contextlib
 import copy
 import io
+import json
 import logging
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import textwrap
@@ -470,6 +472,71 @@ def bench_sft_pg_e2e(tmp: Path) -> list[str]:
     return lines
 
 
+DDP_RUNS = {
+    "DDPM": ["experiment=swiss_roll_ddpm", "trainer.max_steps=2100"],
+    "SFT-PG": [
+        "experiment=swiss_roll_sft_pg_fast",
+        "trainer.max_epochs=-1",
+        "trainer.max_steps=-1",
+        "+trainer.max_time=00:00:01:30",  # ~1.5 min of critic iterations per run
+    ],
+}
+
+
+def bench_ddp(tmp: Path, quick: bool) -> list[str]:
+    """Batches/s of ``python -m diffft.train ... hardware=ddp_cpu trainer.devices=N`` (N = 1, 2;
+    Lightning's DDP on gloo, one process per rank, one thread each), timed by
+    ``diffft.callbacks.throughput.Throughput`` after 100 warm-up batches. Each rank takes a full
+    per-rank batch, so samples/s = batches/s x batch x ranks."""
+    lines = [
+        "DDP on CPU (hardware=ddp_cpu, gloo, 1 thread per rank), batches/s after 100 warm-up"
+        " batches:",
+        "",
+        "  method   ranks  batches/s  samples/s  speed-up (samples/s vs 1 rank)",
+    ]
+    for name, overrides in DDP_RUNS.items():
+        rates = {}
+        for ranks in (1, 2):
+            path = tmp / f"ddp-{name}-{ranks}.json"
+            extra = ["trainer.max_steps=400"] if quick and name == "DDPM" else []
+            cmd = [
+                sys.executable,
+                "-m",
+                "diffft.train",
+                *overrides,
+                *extra,
+                "hardware=ddp_cpu",
+                f"trainer.devices={ranks}",
+                "eval.every_n_batches=0",
+                "callbacks.model_checkpoint.monitor=null",
+                "eval.compare=null",
+                "eval.solvers=null",
+                "eval.n=1000",
+                "eval.draws=1",
+                "trainer.enable_progress_bar=false",
+                f"+callbacks.throughput={{_target_: diffft.callbacks.throughput.Throughput,"
+                f" path: '{path}'}}",
+                f"hydra.run.dir={tmp}/ddp-{name}-{ranks}",
+                f"paths.cache_dir={tmp}/cache",
+            ]
+            subprocess.run(cmd, check=True, capture_output=True, cwd=tmp)
+            rates[ranks] = json.loads(path.read_text())
+        batch = 128
+        base = rates[1]["batches_per_s"] * batch
+        for ranks, r in rates.items():
+            samples = r["batches_per_s"] * batch * ranks
+            lines.append(
+                f"  {name:7}  {ranks:5}  {r['batches_per_s']:9.1f}  {samples:9.0f}"
+                f"  {samples / base:5.2f}x"
+            )
+    lines += [
+        "",
+        f"  {os.cpu_count()} logical cores: two ranks share them with each other (and with the",
+        "  gradient all-reduce every step), so the ideal is 2x only on two free physical cores.",
+    ]
+    return lines
+
+
 def machine() -> str:
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     return (
@@ -484,7 +551,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="a few hundred steps, one quality cap")
     p.add_argument(
-        "--part", choices=("step", "quality", "sft_step", "sft_e2e", "all"), default="all"
+        "--part", choices=("step", "quality", "sft_step", "sft_e2e", "ddp", "all"), default="all"
     )
     p.add_argument("--no-bar", action="store_true", help="skip the progress-bar variant")
     args = p.parse_args()
@@ -515,13 +582,20 @@ def main() -> None:
             out = bench_sft_pg_e2e(tmp)
             print("\n" + "\n".join(out), flush=True)
             lines += [*out, ""]
+        if args.part in ("ddp", "all"):
+            out = bench_ddp(tmp, args.quick)
+            print("\n" + "\n".join(out), flush=True)
+            lines += [*out, ""]
     lines += [
         f"Note: {os.cpu_count()} cores shared with other work, absolute times move with its load",
         "(up to 2x; see the load average). Ratios pair interleaved runs and are steadier.",
     ]
     command = " ".join([".venv/bin/python", "experiments/bench.py", *sys.argv[1:]])
     header = [f"# diffft benchmark ({datetime.now():%Y-%m-%d %H:%M})", "", f"command: `{command}`"]
-    out_file = RESULTS.with_name("bench_quick.md") if args.quick else RESULTS  # keep full numbers
+    # bench.md holds a full run of every part; a quick run or a single part has its own file.
+    part = "" if args.part == "all" else f"_{args.part}"
+    name = "bench" + ("_quick" if args.quick else "") + part
+    out_file = RESULTS.with_name(f"{name}.md")
     out_file.parent.mkdir(parents=True, exist_ok=True)
     out_file.write_text("\n".join([*header, "", "```", *lines, "```", ""]))
     print(f"\nsaved to {out_file}")

@@ -80,20 +80,41 @@ def test_other_data_errors(tmp_path):
         dm.setup()
 
 
-def test_data_order_follows_the_trainer_epoch_so_resumed_runs_match():
+def _loader(n_train=300, rank=0, world=1, done=None, batch_size=64):
     from types import SimpleNamespace
 
-    def epoch_batches(epoch):
-        dm = ToyDataModule("swiss_roll", 2, n_train=300, n_test=50, batch_size=64, seed=0)
-        dm.trainer = SimpleNamespace(current_epoch=epoch)
-        return torch.cat(list(dm.train_dataloader()))
+    dm = ToyDataModule("swiss_roll", 2, n_train=n_train, n_test=50, batch_size=batch_size, seed=0)
+    if done is not None:
+        module = SimpleNamespace(batches_done=done)
+        dm.trainer = SimpleNamespace(lightning_module=module, global_rank=rank, world_size=world)
+    return dm.train_dataloader()
 
-    uninterrupted = ToyDataModule("swiss_roll", 2, n_train=300, n_test=50, batch_size=64, seed=0)
-    loader = uninterrupted.train_dataloader()  # no trainer: iterations are counted
-    first, second = torch.cat(list(loader)), torch.cat(list(loader))
-    assert torch.equal(epoch_batches(0), first) and torch.equal(epoch_batches(1), second)
-    assert not torch.equal(first, second)
-    assert torch.equal(torch.sort(first, 0).values, torch.sort(second, 0).values)
+
+def test_data_order_follows_the_batch_count_so_resumed_runs_match_mid_epoch():
+    loader = _loader()  # no trainer: iterations are counted
+    first, second = list(loader), list(loader)
+    assert len(first) == len(loader) == 5
+    assert not torch.equal(torch.cat(first), torch.cat(second))
+    assert torch.equal(
+        torch.sort(torch.cat(first), 0).values, torch.sort(torch.cat(second), 0).values
+    )
+    # An iterator started after b batches (a resumed run) continues where the first one was.
+    for done in (0, 3, 5, 7):
+        epoch, start = divmod(done, 5)
+        expected = (first, second)[epoch][start:]
+        got = list(_loader(done=done))
+        assert len(got) == len(expected) and all(map(torch.equal, got, expected))
+
+
+def test_ddp_shards_have_equal_batch_counts_and_disjoint_rows():
+    # 2561 rows on 2 ranks: 1280 each (the odd row is left out of this epoch), 10 batches each.
+    shards = [list(_loader(2561, rank, 2, done=0, batch_size=128)) for rank in range(2)]
+    assert [len(s) for s in shards] == [10, 10]
+    assert [len(_loader(2561, rank, 2, done=0, batch_size=128)) for rank in range(2)] == [10, 10]
+    rows = [torch.cat(s) for s in shards]
+    assert rows[0].shape[0] == rows[1].shape[0] == 1280
+    both = torch.cat(rows)
+    assert torch.unique(both, dim=0).shape[0] == 2560  # no row on both ranks
 
 
 def test_points_file_dim_comes_from_the_file_and_identity_from_its_content(tmp_path):

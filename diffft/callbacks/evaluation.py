@@ -7,18 +7,31 @@ of ``diffft.train``; this callback only tracks progress and feeds checkpoint sel
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 
 from diffft.evaluation import Evaluator
+from diffft.media import log_image
+from diffft.plots import scatter_samples
 
 
 class PeriodicEvaluation(L.Callback):
-    """Every ``every_n_batches`` training batches: sample ``n`` points (one draw), log metrics."""
+    """Every ``every_n_batches`` training batches: sample ``n`` points (one draw), log metrics;
+    with ``plot_dir``, also plot the samples (``plot_dir/step_NNNNNNN.png``, logged as the image
+    ``samples/periodic`` to W&B / TensorBoard)."""
 
-    def __init__(self, evaluator: Evaluator, every_n_batches: int, n: int = 2_000) -> None:
+    def __init__(
+        self,
+        evaluator: Evaluator,
+        every_n_batches: int,
+        n: int = 2_000,
+        plot_dir: str | Path | None = None,
+    ) -> None:
         self.every, self.batches = every_n_batches, 0
+        self.plot_dir = Path(plot_dir) if plot_dir else None
         self.elapsed, self._start = 0.0, 0.0  # training wall time (excluding evaluation)
         self.evaluator = Evaluator(
             evaluator.dm,
@@ -38,19 +51,32 @@ class PeriodicEvaluation(L.Callback):
         if self.every > 0 and self.batches % self.every == 0:
             now = time.perf_counter()
             self.elapsed += now - self._start
-            values = self.evaluator.evaluate(pl_module.eval_chain)
+            # Rank 0 samples and scores; the others wait in the broadcast and log the same
+            # values (checkpoint monitoring runs on every rank).
+            values = self.evaluator.evaluate(pl_module.eval_chain) if trainer.is_global_zero else {}
+            values = trainer.strategy.broadcast(values, src=0)
             logs = {f"eval/{k}": v[0] for k, v in values.items()}
             # For the progress bar and checkpoint monitoring only: Lightning would write these to
             # the loggers only on batches that are multiples of trainer.log_every_n_steps.
             pl_module.log_dict(logs, prog_bar=True, logger=False)
-            step = trainer.fit_loop.epoch_loop._batches_that_stepped
             row = {**logs, "time/train_s": self.elapsed, "time/batches": float(self.batches)}
             # (When every_n_batches is a multiple of log_every_n_steps, metrics.csv has a loss row
             # and an eval row with the same step.)
             if trainer.is_global_zero:
                 for logger in trainer.loggers:
-                    logger.log_metrics(row, step=step)
+                    logger.log_metrics(row, step=pl_module.batches_done)
+                if self.plot_dir is not None:
+                    self.plot(trainer, pl_module)
             self._start = time.perf_counter()
+
+    def plot(self, trainer: L.Trainer, pl_module: Any) -> None:
+        step, chain = pl_module.batches_done, pl_module.eval_chain
+        g = torch.Generator(chain.device).manual_seed(self.evaluator.seed)
+        with torch.no_grad():
+            x = chain.sample(self.evaluator.n, generator=g, batch_size=self.evaluator.batch_size)
+        path = self.plot_dir / f"step_{step:07d}.png"
+        scatter_samples({f"step {step}": x}, self.evaluator.dm.train, path)
+        log_image(trainer.loggers, "samples/periodic", path, step=step)
 
     def state_dict(self) -> dict[str, float]:
         return {"batches": self.batches, "elapsed": self.elapsed}

@@ -14,7 +14,6 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-import torch.distributed as dist
 from sklearn.datasets import make_swiss_roll
 from torch.utils.data import DataLoader, IterableDataset
 
@@ -90,10 +89,16 @@ def load_points_file(path: str | Path) -> np.ndarray:
 class InMemoryBatches(IterableDataset):
     """Shuffled index-slice batches of one in-memory tensor; a new permutation every epoch.
 
-    The permutation is seeded by ``(seed, epoch)``; ``epoch_fn`` (the trainer's epoch) makes a
-    run resumed from an end-of-epoch checkpoint see the same data order as an uninterrupted one
-    (one resumed mid-epoch restarts that epoch's permutation). Without it, iterations are
-    counted. Under DDP each rank takes every ``world_size``-th index of the same permutation.
+    ``position_fn() -> (rank, world_size, batches done | None)`` (the trainer's rank and world
+    size, the method's own batch counter) places every batch: epoch ``e`` uses the permutation
+    seeded by ``(seed, e)``, and an iterator started after ``b`` batches starts at batch
+    ``b mod len`` of epoch ``b div len``. So a run resumed from a mid-epoch checkpoint sees the
+    same data order as an uninterrupted one. Without a counter, iterations are counted.
+
+    Under DDP each rank takes every ``world_size``-th index of the same permutation, cut to a
+    multiple of ``world_size`` first (the last ``n mod world_size`` rows of each epoch's
+    permutation are left out, different rows every epoch): every rank yields the same number of
+    batches, so the ranks' collectives stay in step.
     """
 
     def __init__(
@@ -101,30 +106,41 @@ class InMemoryBatches(IterableDataset):
         data: torch.Tensor,
         batch_size: int,
         seed: int,
-        epoch_fn: Callable[[], int | None] | None = None,
+        position_fn: Callable[[], tuple[int, int, int | None]] | None = None,
     ) -> None:
         self.data, self.batch_size, self.seed = data, batch_size, seed
-        self.epoch, self.epoch_fn = 0, epoch_fn
+        self.epoch, self.position_fn = 0, position_fn
 
-    def _rank_world(self) -> tuple[int, int]:
-        if dist.is_available() and dist.is_initialized():
-            return dist.get_rank(), dist.get_world_size()
-        return 0, 1
+    def _position(self) -> tuple[int, int, int | None]:
+        return self.position_fn() if self.position_fn is not None else (0, 1, None)
 
     def __len__(self) -> int:
-        _, world = self._rank_world()
-        n = len(range(0, self.data.shape[0], world))
-        return -(-n // self.batch_size)
+        _, world, _ = self._position()
+        return -(-(self.data.shape[0] // world) // self.batch_size)
 
     def __iter__(self) -> Iterator[torch.Tensor]:
-        rank, world = self._rank_world()
-        epoch = self.epoch_fn() if self.epoch_fn is not None else None
-        if epoch is None:
-            epoch, self.epoch = self.epoch, self.epoch + 1
+        rank, world, done = self._position()
+        if done is None:
+            epoch, start, self.epoch = self.epoch, 0, self.epoch + 1
+        else:
+            epoch, start = divmod(done, len(self))
         g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-        perm = torch.randperm(self.data.shape[0], generator=g)[rank::world]
-        for i in range(0, perm.shape[0], self.batch_size):
+        per_rank = self.data.shape[0] // world
+        perm = torch.randperm(self.data.shape[0], generator=g)[: per_rank * world][rank::world]
+        for i in range(start * self.batch_size, per_rank, self.batch_size):
             yield self.data[perm[i : i + self.batch_size]]
+
+
+class PositionedLoader(DataLoader):
+    """A ``DataLoader`` over ``InMemoryBatches`` that Lightning treats as resumable: its state is
+    the batch count its data order follows (the method's own counter, restored with the
+    method), so Lightning does not warn that a mid-epoch resume replays the epoch."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"batches_done": self.dataset._position()[2]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        pass  # the position comes back with the method's counter (SamplerMethod.batches_done)
 
 
 class ToyDataModule(L.LightningDataModule):
@@ -222,10 +238,19 @@ class ToyDataModule(L.LightningDataModule):
             return pool[torch.randperm(pool.shape[0], generator=g)[:n]]
         return pool[torch.randint(0, pool.shape[0], (n,), generator=g)]
 
-    def _trainer_epoch(self) -> int | None:
-        return self.trainer.current_epoch if self.trainer is not None else None
+    def _position(self) -> tuple[int, int, int | None]:
+        """(rank, world size, batches done) from the trainer and its method (the method's own
+        counter, ``SamplerMethod.batches_done``; the trainer's epoch x length without one)."""
+        trainer = self.trainer
+        if trainer is None:
+            return 0, 1, None
+        done = getattr(trainer.lightning_module, "batches_done", None)
+        if done is None:
+            n = -(-(self.train.shape[0] // trainer.world_size) // self.batch_size)
+            done = trainer.current_epoch * n
+        return trainer.global_rank, trainer.world_size, int(done)
 
     def train_dataloader(self) -> DataLoader:
         self.setup()
-        batches = InMemoryBatches(self.train, self.batch_size, self.seed, self._trainer_epoch)
-        return DataLoader(batches, batch_size=None, num_workers=0)
+        batches = InMemoryBatches(self.train, self.batch_size, self.seed, self._position)
+        return PositionedLoader(batches, batch_size=None, num_workers=0)

@@ -33,6 +33,10 @@ class DDPM(SamplerMethod):
     ema_decay: EMA of the eps-network (0 = off). eval_steps: extra short samplers to report,
     each ``{steps: T', subsample: kind}`` (a sub-sampled chain) or ``{steps: T', solver:
     ddim|dpmpp2m}`` (a diffusers solver on this eps-network). antithetic: pair t with T-1-t.
+
+    Under DDP each rank takes ``dataset.batch_size`` rows of its own shard with its own t and
+    noise, and the gradients are averaged: the effective batch is ``dataset.batch_size`` x
+    ranks (``effective_batch`` in the run's ``config.yaml``).
     """
 
     def __init__(
@@ -61,13 +65,21 @@ class DDPM(SamplerMethod):
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         loss = denoising_loss(
-            self.chain.eps_net, batch, self.alpha_bar_full, antithetic=self.hparams.antithetic
+            self.chain.eps_net,
+            batch,
+            self.alpha_bar_full,
+            generator=self.batch_generator(),  # t and noise: this rank's stream of this batch
+            antithetic=self.hparams.antithetic,
         )
+        self.check_finite(denoising=loss)
         if self.logging_batch():
             self.log("train/loss", loss, prog_bar=True)
         return loss
 
-    def on_train_batch_end(self, *args: Any) -> None:
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # Here, not in on_train_batch_end: a checkpoint saved by a callback at the end of this
+        # batch then holds this batch's EMA update (exact resume).
         self.update_ema()
 
     def configure_gradient_clipping(self, optimizer: Any, *args: Any, **kwargs: Any) -> None:

@@ -30,6 +30,14 @@ transitions of a trajectory; here (as in the release) the policy-gradient loss a
 *means* over transitions, so the generator gradient (and what ``grad_clip`` gamma clips) is
 T' times smaller and ``baseline_reg`` weighs R_B like lambda / T' of Eq. 23. The toy networks
 and batch (width 256, batch 128) are the release's; the paper's text says batch 64 and width 128.
+
+DDP: every rank rolls out its own ``rollout_batch`` trajectories and takes its own real
+minibatch and buffer minibatches (``batch_generator``); the critic, baseline and sampler
+gradients are averaged over ranks at each ``manual_backward``. The effective batches are
+``dataset.batch_size``, ``rollout_batch`` and ``generator_batch`` x ranks (``effective_batch``
+in the run's ``config.yaml``). A checkpoint holds rank 0's rollout buffer: a DDP run resumed in
+the middle of a critic phase refills the other ranks' buffers with rank 0's trajectories (a
+single-process resume is exact).
 """
 
 from __future__ import annotations
@@ -151,23 +159,26 @@ class SFTPG(SamplerMethod):
     def training_step(self, real: torch.Tensor, batch_idx: int) -> None:
         hp = self.hparams
         opt_g, opt_f, opt_b = self.optimizers()
-        traj = self.chain.sample(hp.rollout_batch, return_trajectory=True)  # no grad
-        logs = self.critic_step(real, traj, opt_f, opt_b)
+        g = self.batch_generator()  # this rank's stream of this batch: rollouts, penalty, order
+        traj = self.chain.sample(hp.rollout_batch, generator=g, return_trajectory=True)  # no grad
+        logs = self.critic_step(real, traj, opt_f, opt_b, g)
         if hp.estimator == "policy_gradient":
             self.buffer.append(traj.states)
         self.iteration += 1
         if self.iteration % hp.n_critic == 0:
             if hp.estimator == "pathwise":
                 for _ in range(hp.n_generator):
-                    logs["loss/generator"] = self.pathwise_step(opt_g)
+                    logs["loss/generator"] = self.pathwise_step(opt_g, g)
             else:
-                logs["loss/generator"] = self.policy_gradient_steps(opt_g)
+                logs["loss/generator"] = self.policy_gradient_steps(opt_g, g)
                 self.buffer.clear()
             self.update_ema()
         if self.logging_batch():
             self.log_dict(logs)
 
-    def critic_step(self, real: torch.Tensor, traj: Trajectory, opt_f: Any, opt_b: Any) -> dict:
+    def critic_step(
+        self, real: torch.Tensor, traj: Trajectory, opt_f: Any, opt_b: Any, g: torch.Generator
+    ) -> dict:
         """Maximise L = g - lambda R_B (Eq. 23), optionally with the penalty of Eq. 22."""
         hp = self.hparams
         fake = traj.sample
@@ -175,7 +186,7 @@ class SFTPG(SamplerMethod):
         loss = ipm_critic_loss(self.critic(real), f_fake)
         logs = {"loss/critic_ipm": loss.detach()}
         if hp.gp > 0:
-            penalty = gradient_penalty(self.critic, real, fake)
+            penalty = gradient_penalty(self.critic, real, fake, generator=g)
             loss = loss + hp.gp * penalty
             logs["loss/gp"] = penalty.detach()
         if hp.estimator == "policy_gradient":
@@ -189,6 +200,10 @@ class SFTPG(SamplerMethod):
                 r_b = baseline_loss(values, returns.detach())
                 loss = loss + r_b
             logs["loss/baseline"] = r_b.detach()
+        parts = {"critic": loss}  # IPM (+ penalty, + lambda R_B)
+        if "loss/baseline" in logs:
+            parts["baseline"] = logs["loss/baseline"]
+        self.check_finite(**parts)
         opt_f.zero_grad()
         opt_b.zero_grad()
         self.manual_backward(loss)
@@ -196,7 +211,7 @@ class SFTPG(SamplerMethod):
         opt_b.step()
         return logs
 
-    def policy_gradient_steps(self, opt_g: Any) -> torch.Tensor:
+    def policy_gradient_steps(self, opt_g: Any, g: torch.Generator) -> torch.Tensor:
         """``n_generator`` REINFORCE steps (Eq. 20) on minibatches of the buffer."""
         hp = self.hparams
         traj = Trajectory(torch.cat(self.buffer, dim=1))
@@ -207,7 +222,8 @@ class SFTPG(SamplerMethod):
         # Full minibatches without repeats inside one pass; a new pass over the buffer (a new
         # permutation) when n_generator * size exceeds it.
         passes = -(-hp.n_generator * size // n)
-        order = torch.cat([torch.randperm(n, device=x_k.device) for _ in range(passes)])
+        perms = [torch.randperm(n, generator=g, device=x_k.device) for _ in range(passes)]
+        order = torch.cat(perms)
         for j in range(hp.n_generator):
             idx = order[j * size : (j + 1) * size]
             with torch.no_grad():
@@ -218,19 +234,24 @@ class SFTPG(SamplerMethod):
             self.generator_update(opt_g, loss)
         return loss.detach()
 
-    def pathwise_step(self, opt_g: Any) -> torch.Tensor:
+    def pathwise_step(self, opt_g: Any, g: torch.Generator) -> torch.Tensor:
         """One reparameterised step (Eq. 14): back-propagate f(x_0) through every transition."""
-        x_0 = self.chain.sample(self.hparams.rollout_batch, grad=True)
+        x_0 = self.chain.sample(self.hparams.rollout_batch, generator=g, grad=True)
         loss = self.critic(x_0).mean()
         self.generator_update(opt_g, loss)
         return loss.detach()
 
     def generator_update(self, opt_g: Any, loss: torch.Tensor) -> None:
+        self.check_finite(sampler=loss)
         opt_g.zero_grad()
-        self.manual_backward(loss)
-        if self.hparams.grad_clip:
-            self.clip_gradients(opt_g, self.hparams.grad_clip, "norm")
-        opt_g.step()
+        self.manual_backward(loss)  # scaled by the precision plugin under 16-mixed
+        opt_g.step()  # unscales (16-mixed), then on_before_optimizer_step clips, then steps
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # Lightning calls this after unscaling the gradients (16-mixed's GradScaler), so gamma
+        # clips the true gradient norm under every precision.
+        if self.hparams.grad_clip and optimizer is self.optimizers()[0].optimizer:
+            self.clip_gradients(optimizer, self.hparams.grad_clip, "norm")
 
     # -- checkpoint & evaluation ------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -240,6 +261,10 @@ class SFTPG(SamplerMethod):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
         self.buffer = list(checkpoint.get("sft_pg_buffer", []))
+
+    def on_train_start(self) -> None:
+        # A restored buffer was loaded on the CPU, before the module moved to its device.
+        self.buffer = [s.to(self.device) for s in self.buffer]
 
     def samplers(self) -> dict[str, GaussianChain]:
         steps = self.chain.steps

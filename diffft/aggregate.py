@@ -1,0 +1,304 @@
+"""Aggregate a Hydra sweep of ``python -m diffft.train -m ...``: one table per configuration,
+with every metric pooled over seeds and evaluation draws.
+
+``python -m diffft.aggregate MULTIRUN_DIR [--by k,k] [--over k,k] [--format md|csv]
+[--metrics m,m] [--one-table] [--out FILE]``
+
+``--one-table``: one markdown table for the whole sweep (the ``--by`` values as the first
+columns, each distinct data floor once at the end), as the result files show it; otherwise one
+table per configuration. The ``reference`` column holds the runs' ``eval.references`` (paper
+values) when their data are ``eval.reference_data``.
+
+A run is a directory holding ``config.yaml`` (resolved) and ``summary.json``
+(``{row: {metric: [one value per draw]}}``). Runs are grouped by their ``--by`` values and
+pooled over everything else (the ``--over`` keys, default ``seed``). The default ``--by`` is
+every config leaf present in all runs whose value differs between them, except:
+
+- the ``--over`` keys, keys under ``paths.`` and ``hydra.``, and ``ckpt_path``;
+- keys equal to the run's ``seed`` in every run (interpolated copies of the seed);
+- string keys that contain the run's own output directory in every run (``paths.output_dir``
+  or the run directory: e.g. ``logger.save_dir``, ``callbacks.model_checkpoint.dirpath``,
+  which differ per job of a sweep but do not define a configuration).
+
+Within a group, identical value lists of a row in several runs count once: the data floor
+(the same for runs on the same data and eval settings) and rows read from a cached stage are
+not weighted by the number of seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from omegaconf import OmegaConf
+
+FLOOR = "data floor"
+EXCLUDED_PREFIXES = ("paths.", "hydra.")
+FOOTER = (
+    "mean ± sd over all evaluation draws of all runs (seeds × draws); runs = runs pooled; "
+    "the data floor counts identical floors once"
+)
+
+
+@dataclass
+class RowStats:
+    """One row of a group: per metric the pooled ``mean``, ``sd`` (ddof=1) and number of
+    values ``n``; ``runs`` = runs pooled (identical value lists counted once)."""
+
+    mean: dict[str, float] = field(default_factory=dict)
+    sd: dict[str, float] = field(default_factory=dict)
+    n: dict[str, int] = field(default_factory=dict)
+    runs: int = 0
+
+
+@dataclass
+class Group:
+    """The runs of one configuration: ``key`` = its ``--by`` values, ``rows`` by row name."""
+
+    key: dict[str, Any]
+    rows: dict[str, RowStats]
+    references: dict[str, str] = field(default_factory=dict)
+
+
+def _natural(path: Path) -> list[Any]:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path.as_posix())]
+
+
+def find_runs(root: str | Path) -> list[Path]:
+    """Every directory under ``root`` (itself included) with ``config.yaml`` and
+    ``summary.json``, in natural order (``2`` before ``10``); skips cached stages (a ``done``
+    file) and anything under ``.cache``. None found: ``SystemExit``."""
+    root = Path(root)
+    runs = [
+        p.parent
+        for p in root.rglob("config.yaml")
+        if (p.parent / "summary.json").is_file()
+        and not (p.parent / "done").exists()
+        and ".cache" not in p.parent.relative_to(root).parts
+    ]
+    if not runs:
+        raise SystemExit(
+            f"no run directories (config.yaml + summary.json) under {root}; "
+            "pass the sweep dir of a `python -m diffft.train -m ...`"
+        )
+    return sorted(runs, key=lambda p: _natural(p.relative_to(root)))
+
+
+def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
+    """Dotted leaf keys of a nested dict; lists (and empty dicts) as their string repr."""
+    if not isinstance(cfg, dict) or (not cfg and prefix):
+        return {prefix[:-1]: repr(cfg) if isinstance(cfg, list | dict) else cfg}
+    return {k: v for key, sub in cfg.items() for k, v in flatten(sub, f"{prefix}{key}.").items()}
+
+
+def load_config(run: Path) -> dict[str, Any]:
+    """A run's ``config.yaml`` as dotted leaf keys."""
+    return flatten(OmegaConf.to_container(OmegaConf.load(run / "config.yaml")))
+
+
+def references(run: Path) -> dict[str, str]:
+    """``{row: "source value, ..."}`` from a run's ``eval.references``, when its data are those
+    of ``eval.reference_data`` (as ``diffft.train.references_for`` decides for its table)."""
+    cfg = OmegaConf.to_container(OmegaConf.load(run / "config.yaml"))
+    ev, data = cfg.get("eval") or {}, cfg.get("dataset") or {}
+    on = ev.get("reference_data")
+    if on is not None and any(data.get(k) != v for k, v in on.items()):
+        return {}
+    refs = ev.get("references") or {}
+    return {row: ", ".join(f"{k} {v}" for k, v in r.items()) for row, r in refs.items() if r}
+
+
+def default_by(runs: list[Path], configs: list[dict[str, Any]], over: tuple[str, ...]) -> list[str]:
+    """The keys that define a configuration (the rule in the module docstring)."""
+
+    def derived(key: str) -> bool:
+        if key == "seed":
+            return False
+        values = [
+            (c.get(key), c.get("seed"), c.get("paths.output_dir"), r)
+            for c, r in zip(configs, runs, strict=True)
+        ]
+        if all(v == s and not isinstance(v, bool) for v, s, _, _ in values):
+            return True
+        return all(
+            isinstance(v, str) and any(d and d in v for d in (out, str(r.resolve())))
+            for v, _, out, r in values
+        )
+
+    keys = list(dict.fromkeys(k for c in configs for k in c))
+    return [
+        k
+        for k in keys
+        if k not in over
+        and k != "ckpt_path"
+        and not k.startswith(EXCLUDED_PREFIXES)
+        and all(k in c for c in configs)
+        and len({repr(c[k]) for c in configs}) > 1
+        and not derived(k)
+    ]
+
+
+def aggregate(
+    runs: list[Path],
+    by: list[str] | None = None,
+    over: tuple[str, ...] | list[str] = ("seed",),
+    metrics: list[str] | None = None,
+) -> list[Group]:
+    """Group ``runs`` by their ``by`` values (default: ``default_by``), in order of first
+    appearance, and pool each row's values of ``metrics`` (default: the metrics of the runs'
+    main rows) over the group's runs and draws."""
+    configs = [load_config(r) for r in runs]
+    summaries = [json.loads((r / "summary.json").read_text()) for r in runs]
+    by = default_by(runs, configs, tuple(over)) if by is None else list(by)
+    for key in by:
+        for cfg, run in zip(configs, runs, strict=True):
+            if key not in cfg:
+                raise SystemExit(f"--by {key}: no such key in {run / 'config.yaml'}")
+    if metrics is None:  # the main rows' metrics, in order of first appearance
+        mains = [next((v for k, v in s.items() if k != FLOOR), {}) for s in summaries]
+        metrics = list(dict.fromkeys(m for main in mains for m in main))
+    grouped: dict[tuple[str, ...], list[tuple[dict[str, Any], dict]]] = {}
+    for cfg, summary in zip(configs, summaries, strict=True):
+        grouped.setdefault(tuple(repr(cfg[k]) for k in by), []).append((cfg, summary))
+    groups = []
+    for members in grouped.values():
+        names = list(dict.fromkeys(n for _, s in members for n in s if n != FLOOR))
+        names += [FLOOR] if any(FLOOR in s for _, s in members) else []
+        rows = {}
+        for name in names:
+            distinct = []  # identical value lists (floor, cached stage rows) count once
+            for row in (s[name] for _, s in members if name in s):
+                if row not in distinct:
+                    distinct.append(row)
+            stats = RowStats(runs=len(distinct))
+            for m in metrics:
+                values = np.array([v for row in distinct for v in row.get(m, [])], dtype=float)
+                stats.n[m] = len(values)
+                stats.mean[m] = float(values.mean()) if len(values) else float("nan")
+                stats.sd[m] = float(values.std(ddof=1)) if len(values) > 1 else float("nan")
+            rows[name] = stats
+        groups.append(Group({k: members[0][0][k] for k in by}, rows))
+    first = {}  # the first run of each group, for its references
+    for cfg, run in zip(configs, runs, strict=True):
+        first.setdefault(tuple(repr(cfg[k]) for k in by), run)
+    for group, run in zip(groups, first.values(), strict=True):
+        group.references = references(run)
+    return groups
+
+
+def _metrics(groups: list[Group]) -> list[str]:
+    return list(next(iter(groups[0].rows.values())).mean) if groups and groups[0].rows else []
+
+
+def format_md(groups: list[Group], root: str | Path, n_runs: int, over: list[str]) -> str:
+    """Markdown: a header line, then per group a ``### key=value`` heading (when there are
+    ``--by`` keys) and a table ``model | metric ... | runs`` of ``mean ± sd``; a footer."""
+    from diffft.evaluation import METRICS  # torch: only when a table is printed
+
+    metrics = _metrics(groups)
+    by = list(groups[0].key) if groups else []
+    lines = [f"{root}: {n_runs} runs; by: {', '.join(by) or '-'}; over: {', '.join(over)}"]
+    head = ["model"] + [METRICS[m].label if m in METRICS else m for m in metrics] + ["runs"]
+    for group in groups:
+        lines.append("")
+        if group.key:
+            lines += ["### " + ", ".join(f"{k}={v}" for k, v in group.key.items()), ""]
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for name, s in group.rows.items():
+            cells = [f"{s.mean[m]:.4g} ± {s.sd[m]:.2g}" for m in metrics]
+            lines.append("| " + " | ".join([name, *cells, str(s.runs)]) + " |")
+    return "\n".join([*lines, "", FOOTER]) + "\n"
+
+
+def format_one_table(groups: list[Group], root: str | Path, n_runs: int, over: list[str]) -> str:
+    """Markdown: one table ``<by keys> | model | metric ... | runs | reference`` over every
+    group, each distinct data floor once at the end."""
+    from diffft.evaluation import METRICS  # torch: only when a table is printed
+
+    metrics = _metrics(groups)
+    by = list(groups[0].key) if groups else []
+    lines = [f"{root}: {n_runs} runs; by: {', '.join(by) or '-'}; over: {', '.join(over)}", ""]
+    head = [*by, "model"] + [METRICS[m].label if m in METRICS else m for m in metrics]
+    lines += [
+        "| " + " | ".join([*head, "runs", "reference"]) + " |",
+        "|" + "---|" * (len(head) + 2),
+    ]
+    floors: list[RowStats] = []
+    for group in groups:
+        for name, s in group.rows.items():
+            cells = [f"{s.mean[m]:.4g} ± {s.sd[m]:.2g}" for m in metrics]
+            if name == FLOOR:
+                if all(f.mean != s.mean for f in floors):
+                    floors.append(s)
+                continue
+            ref = group.references.get(name, "–")
+            keys = [str(v) for v in group.key.values()]
+            lines.append("| " + " | ".join([*keys, name, *cells, str(s.runs), ref]) + " |")
+    for s in floors:
+        row = [*([""] * len(by)), FLOOR]
+        row += [f"{s.mean[m]:.4g} ± {s.sd[m]:.2g}" for m in metrics] + [str(s.runs), "–"]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join([*lines, "", FOOTER]) + "\n"
+
+
+def format_csv(groups: list[Group]) -> str:
+    """CSV, one line per (group, row): the ``--by`` keys, ``model``, ``<metric>_mean``,
+    ``<metric>_sd`` per metric, ``runs``, ``n_values`` (the most values of any metric)."""
+    metrics = _metrics(groups)
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    by = list(groups[0].key) if groups else []
+    writer.writerow(
+        [*by, "model", *(f"{m}_{s}" for m in metrics for s in ("mean", "sd"))]
+        + ["runs", "n_values"]
+    )
+    for group in groups:
+        for name, s in group.rows.items():
+            stats = [x for m in metrics for x in (s.mean[m], s.sd[m])]
+            n = max(s.n.values(), default=0)
+            writer.writerow([*group.key.values(), name, *stats, s.runs, n])
+    return buf.getvalue()
+
+
+def _keys(text: str | None) -> list[str] | None:
+    return None if text is None else [k.strip() for k in text.split(",") if k.strip()]
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The command line (see the module docstring)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m diffft.aggregate",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("root", metavar="MULTIRUN_DIR")
+    parser.add_argument("--by", help="keys defining a configuration (default: see above)")
+    parser.add_argument("--over", default="seed", help="keys averaged over (default: seed)")
+    parser.add_argument("--format", choices=("md", "csv"), default="md")
+    parser.add_argument("--metrics", help="metric names (default: the runs' main rows')")
+    parser.add_argument("--one-table", action="store_true", help="one md table for the sweep")
+    parser.add_argument("--out", help="also write the output to this file")
+    args = parser.parse_args(argv)
+    runs = find_runs(args.root)
+    over = _keys(args.over) or []
+    groups = aggregate(runs, by=_keys(args.by), over=over, metrics=_keys(args.metrics))
+    if args.format == "md":
+        fmt = format_one_table if args.one_table else format_md
+        text = fmt(groups, args.root, len(runs), over)
+    else:
+        text = format_csv(groups)
+    sys.stdout.write(text)
+    if args.out:
+        Path(args.out).write_text(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""Exact resume, and runs that fail early or stop cleanly.
+
+A run interrupted (Ctrl-C, i.e. ``KeyboardInterrupt``) after N batches and resumed from its
+``last.ckpt`` ends with the same parameters, optimiser states, EMA, buffers and batch count as
+the same run uninterrupted: the data order in the middle of an epoch and every random draw
+(noise, t, rollouts, buffer minibatches) follow the method's own batch counter.
+"""
+
+import signal
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from diffft.methods.base import NonFiniteLossError, load_method
+from diffft.train import train
+
+
+class InterruptAt(L.Callback):
+    """Raises ``KeyboardInterrupt`` at the end of batch ``at`` (as Ctrl-C would)."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def on_train_batch_end(self, trainer, pl_module, *args):
+        if pl_module.batches_done == self.at:
+            raise KeyboardInterrupt
+
+
+class PoisonAt(L.Callback):
+    """Sets the first parameter of ``part`` to NaN before batch index ``at``."""
+
+    def __init__(self, at: int, part: str) -> None:
+        self.at, self.part = at, part
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx == self.at:
+            with torch.no_grad():
+                next(pl_module.get_submodule(self.part).parameters()).fill_(float("nan"))
+
+
+def _compare(a: dict, b: dict) -> None:
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    for k in a["state_dict"]:
+        assert torch.equal(a["state_dict"][k], b["state_dict"][k]), k
+    for oa, ob in zip(a["optimizer_states"], b["optimizer_states"], strict=True):
+        for pa, pb in zip(oa["state"].values(), ob["state"].values(), strict=True):
+            for k in pa:
+                assert torch.equal(torch.as_tensor(pa[k]), torch.as_tensor(pb[k])), k
+    assert a["diffft_batches_done"] == b["diffft_batches_done"]
+    assert len(a.get("sft_pg_buffer", [])) == len(b.get("sft_pg_buffer", []))
+    for x, y in zip(a.get("sft_pg_buffer", []), b.get("sft_pg_buffer", []), strict=True):
+        assert torch.equal(x, y)
+
+
+RESUME_CASES = {
+    # 300 rows / 64 = 5 batches per epoch; interrupted in the middle of the third epoch.
+    "ddpm": (
+        ["experiment=swiss_roll_ddpm", "dataset.batch_size=64", "trainer.max_steps=18"],
+        12,
+    ),
+    # 8 batches per epoch, n_critic = 5: interrupted mid-epoch with one rollout in the buffer
+    # (and the periodic evaluation and checkpointing of debug=fast on).
+    "sft_pg": (
+        ["experiment=swiss_roll_sft_pg", "trainer.max_steps=-1", "trainer.max_epochs=3"],
+        11,
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(RESUME_CASES))
+def test_interrupted_and_resumed_run_equals_the_uninterrupted_one(case, make_cfg, tmp_path):
+    overrides, at = RESUME_CASES[case]
+    common = [
+        *overrides,
+        "debug=fast",
+        "dataset.n_train=300" if case == "ddpm" else "dataset.n_train=1000",
+    ]
+    common += ["eval.compare=null", "eval.solvers=null", "eval.draws=1", "eval.metrics=[sw]"]
+    full = make_cfg(*common, f"paths.output_dir={tmp_path}/full")
+    train(full)
+    cut = make_cfg(
+        *common,
+        f"paths.output_dir={tmp_path}/cut",
+        f"+callbacks.interrupt={{_target_: tests.test_resume.InterruptAt, at: {at}}}",
+    )
+    try:
+        with pytest.raises(SystemExit):  # Lightning's graceful Ctrl-C shutdown exits
+            train(cut)
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # Lightning ignored SIGINT
+    last = tmp_path / "cut/checkpoints/last.ckpt"
+    assert torch.load(last, weights_only=False)["diffft_batches_done"] == at
+    resumed = make_cfg(*common, f"paths.output_dir={tmp_path}/resumed", f"ckpt_path={last}")
+    train(resumed)
+    a = torch.load(tmp_path / "full/checkpoints/last.ckpt", weights_only=False)
+    b = torch.load(tmp_path / "resumed/checkpoints/last.ckpt", weights_only=False)
+    _compare(a, b)
+
+
+# Checkpoints after batch 2 (ModelCheckpoint counts optimiser steps: SFT-PG takes two per
+# critic batch, the critic's and the baseline's).
+NAN_CASES = {
+    "ddpm": ("swiss_roll_ddpm", "chain.eps_net", "denoising", []),
+    "sft_pg": (
+        "swiss_roll_sft_pg",
+        "critic",
+        "critic",
+        [
+            "callbacks.model_checkpoint.every_n_epochs=null",
+            "callbacks.model_checkpoint.every_n_train_steps=4",
+        ],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(NAN_CASES))
+def test_non_finite_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint(case, make_cfg):
+    experiment, part, name, extra = NAN_CASES[case]
+    cfg = make_cfg(
+        *extra,
+        f"experiment={experiment}",
+        "debug=fast",
+        "trainer.max_steps=-1",
+        "trainer.max_epochs=1",
+        "eval.compare=null",
+        "eval.solvers=null",
+        f"+callbacks.poison={{_target_: tests.test_resume.PoisonAt, at: 2, part: {part}}}",
+    )
+    with pytest.raises(NonFiniteLossError, match=f"step 3: non-finite {name}"):
+        train(cfg)
+    # last.ckpt is the state after batch 2, finite.
+    last = Path(cfg.paths.output_dir) / "checkpoints/last.ckpt"
+    method = load_method(str(last))
+    assert method.batches_done == 2
+    assert all(torch.isfinite(p).all() for p in method.parameters())
+
+
+def test_unwritable_output_dir_fails_before_training(make_cfg, tmp_path):
+    (tmp_path / "a_file").write_text("")
+    cfg = make_cfg(
+        "experiment=swiss_roll_sft_pg", "debug=fast", f"paths.output_dir={tmp_path}/a_file/out"
+    )
+    with pytest.raises(ValueError, match="paths.output_dir=.*is not writable"):
+        train(cfg)
+    assert not (Path(cfg.paths.cache_dir) / "pretrain").exists()  # nothing trained
