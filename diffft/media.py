@@ -50,11 +50,11 @@ def log_image(
 
 
 @rank_zero_only
-def finish(loggers: Iterable[Logger]) -> None:
-    """End the W&B run, so its files are complete and the next run of a sweep in this process
-    (the basic and joblib launchers) starts a new one."""
+def finish(loggers: Iterable[Logger], exit_code: int = 0) -> None:
+    """End the W&B run (also after a failure, ``exit_code`` 1), so its files are complete and
+    the next run of a sweep in this process (the basic and joblib launchers) starts a new one."""
     if any(isinstance(lg, WandbLogger) for lg in loggers):
         import wandb
 
         if wandb.run is not None:
-            wandb.finish()
+            wandb.finish(exit_code=exit_code)

@@ -208,15 +208,13 @@ def single_process() -> Iterator[None]:
     SLURM job: the rank variables are hidden and Lightning's rank-zero guard set to 0 meanwhile
     (the stage's logs and checkpoints are written). No process group is alive at this point:
     pretraining runs before ``fit``, compare stages after ``train`` has destroyed the group."""
-    saved_env, saved_rank = dict(os.environ), rank_zero_only.rank
-    os.environ.clear()
-    os.environ.update(single_process_env(saved_env))
-    rank_zero_only.rank = 0
+    keep = single_process_env(os.environ)
+    hidden = {k: os.environ.pop(k) for k in list(os.environ) if k not in keep}
+    saved_rank, rank_zero_only.rank = rank_zero_only.rank, 0
     try:
         yield
     finally:
-        os.environ.clear()
-        os.environ.update(saved_env)
+        os.environ.update(hidden)
         rank_zero_only.rank = saved_rank
 
 

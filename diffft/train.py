@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -22,12 +24,13 @@ import torch
 import torch.distributed as dist
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from diffft.callbacks.checkpoint import LastCheckpoint
+from diffft.callbacks.checkpoint import Interrupted, LastCheckpoint
 from diffft.callbacks.evaluation import PeriodicEvaluation
 from diffft.diffusion.sampler import SOLVERS, Sampler
 from diffft.evaluation import Evaluator, format_table
@@ -100,13 +103,14 @@ def check_writable(cfg: DictConfig) -> None:
         path = Path(cfg.paths[key])
         try:
             path.mkdir(parents=True, exist_ok=True)
-            probe = path / f".write-test-{rank_zero_only.rank}"
-            probe.write_text("")
-            probe.unlink()
+            fd, probe = tempfile.mkstemp(dir=path, prefix=".write-test-")  # unique per process
+            os.close(fd)
+            os.unlink(probe)
         except OSError as err:
+            how = "hydra.run.dir / hydra.sweep.dir" if key == "output_dir" else "$DIFFFT_CACHE"
             raise ValueError(
                 f"paths.{key}='{path}' is not writable ({err.strerror or err}); set "
-                f"paths.{key}=DIR (or hydra.run.dir / hydra.sweep.dir) to a writable directory"
+                f"paths.{key}=DIR (or {how}) to a writable directory"
             ) from None
 
 
@@ -122,7 +126,6 @@ def effective_batch(cfg: DictConfig, world_size: int) -> dict[str, Any]:
 def train(cfg: DictConfig) -> dict[str, dict[str, list[float]]]:
     """Train and evaluate one run; returns ``{sampler or 'data floor': {metric: [values]}}``."""
     torch.set_num_threads(cfg.threads)
-    out = Path(cfg.paths.output_dir)
     datamodule = resolve_data(cfg)  # first: a bad path fails before any stage trains
     check_solvers(cfg)
     check_writable(cfg)
@@ -138,6 +141,20 @@ def train(cfg: DictConfig) -> dict[str, dict[str, list[float]]]:
         batch_size=cfg.eval.get("batch_size"),
     )
     trainer = build_trainer(cfg, evaluator)
+    failed = True
+    try:
+        rows = fit_and_report(cfg, datamodule, evaluator, trainer)
+        failed = False
+        return rows
+    finally:  # also on failure: the next run of a sweep in this process gets its own W&B run
+        finish(trainer.loggers, exit_code=int(failed))
+
+
+def fit_and_report(
+    cfg: DictConfig, datamodule: Any, evaluator: Evaluator, trainer: L.Trainer
+) -> dict[str, dict[str, list[float]]]:
+    """The part of ``train`` after the trainer exists: config, stages, method, fit, report."""
+    out = Path(cfg.paths.output_dir)
     with open_dict(cfg):
         cfg.effective_batch = effective_batch(cfg, trainer.world_size)
     if trainer.is_global_zero:
@@ -170,6 +187,7 @@ def train(cfg: DictConfig) -> dict[str, dict[str, list[float]]]:
     method.seed = cfg.seed  # with the rank and the batch count: each batch's random stream
     check_init_data(method, datamodule)
     trainer.fit(method, datamodule, ckpt_path=cfg.get("ckpt_path"))
+    last = next(c for c in trainer.callbacks if isinstance(c, LastCheckpoint))
     if dist.is_available() and dist.is_initialized():
         # The evaluation below and any compare stage it trains run outside the process group
         # (a stage inside it would see a shard of the data); the other ranks stop here.
@@ -179,10 +197,12 @@ def train(cfg: DictConfig) -> dict[str, dict[str, list[float]]]:
         return {}
     # Lightning's teardown leaves the module on the CPU; evaluate on the configured device.
     method.to(cfg.eval.get("device") or trainer.strategy.root_device)
+    if method.batches_done == 0 and last.path.is_file():  # ddp_spawn: trained in the workers
+        ckpt = torch.load(last.path, map_location="cpu", weights_only=False)
+        method.batches_done = ckpt.get("diffft_batches_done", 0)
     try:
         return report(cfg, method, datamodule, evaluator, out, trainer.loggers)
     finally:
-        finish(trainer.loggers)
         for proc in background:  # normally finished: report() waited for their stage locks
             proc.wait()
 
@@ -317,6 +337,28 @@ def references_for(cfg: DictConfig, identity: dict[str, Any]) -> dict[str, dict[
     return refs
 
 
+def check_launch(cfg: DictConfig, mode: RunMode) -> None:
+    """Refuse what cannot work before anything runs: Lightning's ``popen`` DDP launcher
+    re-executes the command line for every rank, so inside a ``-m`` sweep each rank would start
+    the sweep again (SLURM, which starts the ranks itself, is fine)."""
+    if mode != RunMode.MULTIRUN or "SLURM_NTASKS" in os.environ:
+        return
+    strategy = cfg.trainer.get("strategy")
+    devices = cfg.trainer.get("devices", 1)
+    if isinstance(strategy, DictConfig):
+        popen = "DDP" in str(strategy.get("_target_", "")) and (
+            strategy.get("start_method", "popen") == "popen"
+        )
+    else:
+        popen = isinstance(strategy, str) and strategy.startswith("ddp") and "spawn" not in strategy
+    if popen and devices not in (1, [0], "1"):
+        raise ValueError(
+            "a -m sweep with DDP's popen launcher (trainer.strategy.start_method=popen) would "
+            "re-run the sweep on every rank; add trainer.strategy.start_method=spawn, or submit "
+            "the sweep to SLURM (hardware=slurm)"
+        )
+
+
 def check_overrides(overrides: list[str]) -> None:
     """Refuse command-line overrides that Hydra accepts but that do not do what they say."""
     for o in overrides:
@@ -330,12 +372,18 @@ def check_overrides(overrides: list[str]) -> None:
 
 @hydra.main(version_base="1.3", config_path="pkg://diffft.conf", config_name="train")
 def main(cfg: DictConfig) -> None:
-    check_overrides(list(HydraConfig.get().overrides.task))
+    hydra_cfg = HydraConfig.get()
+    check_overrides(list(hydra_cfg.overrides.task))
+    check_launch(cfg, hydra_cfg.mode)
+    if hydra_cfg.mode == RunMode.RUN and hydra_cfg.sweeper.get("params"):
+        log.warning("a sweep config without -m runs its first point only: add -m to sweep")
     try:
         train(cfg)
-    except NonFiniteLossError as err:  # one line, not a traceback through Lightning's loop
+    except (NonFiniteLossError, Interrupted) as err:  # one line, not a traceback
         print(f"error: {err}", file=sys.stderr, flush=True)
-        raise SystemExit(1) from None
+        if hydra_cfg.mode == RunMode.MULTIRUN and isinstance(err, NonFiniteLossError):
+            raise  # an Exception: Hydra records this job as failed, the sweep goes on
+        raise SystemExit(130 if isinstance(err, Interrupted) else 1) from None
 
 
 if __name__ == "__main__":

@@ -479,6 +479,7 @@ DDP_RUNS = {
         "trainer.max_epochs=-1",
         "trainer.max_steps=-1",
         "+trainer.max_time=00:00:01:30",  # ~1.5 min of critic iterations per run
+        "pretrain.debug=fast",  # the DDPM it starts from: throughput does not need a good one
     ],
 }
 

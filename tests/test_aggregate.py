@@ -108,6 +108,23 @@ def test_fake_sweep_groups_pools_and_formats(sweep, tmp_path, capsys):
     main([str(sweep), "--format", "csv", "--over", "seed", "--by", "method.lr"])
     assert capsys.readouterr().out == format_csv(groups)
 
+    # One table: the --by value as a column, each distinct floor once at the end (lr=0.1's
+    # floor, then lr=0.2's pooled one), no references in these configs.
+    main([str(sweep), "--one-table"])
+    lines = capsys.readouterr().out.splitlines()
+    table = [ln for ln in lines if ln.startswith("| ")]
+    assert table[0].startswith("| method.lr | model | SW2 1000 proj vs test |")
+    assert table[0].endswith("| runs | reference |")
+    assert [ln.split(" | ")[:2] for ln in table[1:]] == [
+        ["| 0.1", "M"],
+        ["| 0.1", "extra"],
+        ["| 0.2", "M"],
+        ["| 0.2", "extra"],
+        ["| ", "data floor"],
+        ["| ", "data floor"],
+    ]
+    assert f"| 0.2 | M | {mu:.4g} ± {sd:.2g} |" in "\n".join(table)
+
 
 def test_errors(sweep, tmp_path):
     (tmp_path / "empty").mkdir()

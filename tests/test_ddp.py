@@ -99,3 +99,18 @@ def test_two_process_ddp_keeps_parameters_identical_and_draws_differ(
     config = (out / "config.yaml").read_text()
     assert "world_size: 2" in config and "batch_size: 256" in config
     assert not torch.distributed.is_initialized()
+
+
+def test_a_sweep_with_the_popen_ddp_launcher_is_refused_before_it_runs(make_cfg):
+    from hydra.types import RunMode
+
+    from diffft.train import check_launch
+
+    cfg = make_cfg("experiment=swiss_roll_ddpm", "hardware=ddp_cpu")
+    check_launch(cfg, RunMode.RUN)  # a single run: Lightning re-runs the command per rank
+    with pytest.raises(ValueError, match="start_method=spawn"):
+        check_launch(cfg, RunMode.MULTIRUN)
+    check_launch(
+        make_cfg("hardware=ddp_cpu", "trainer.strategy.start_method=spawn"), RunMode.MULTIRUN
+    )
+    check_launch(make_cfg("hardware=cpu"), RunMode.MULTIRUN)

@@ -1,11 +1,12 @@
 """Exact resume, and runs that fail early or stop cleanly.
 
-A run interrupted (Ctrl-C, i.e. ``KeyboardInterrupt``) after N batches and resumed from its
+A run interrupted by Ctrl-C in the middle of batch N and resumed from its
 ``last.ckpt`` ends with the same parameters, optimiser states, EMA, buffers and batch count as
 the same run uninterrupted: the data order in the middle of an epoch and every random draw
 (noise, t, rollouts, buffer minibatches) follow the method's own batch counter.
 """
 
+import os
 import signal
 from pathlib import Path
 
@@ -14,18 +15,20 @@ import pytest
 import torch
 
 from diffft.methods.base import NonFiniteLossError, load_method
-from diffft.train import train
+from diffft.train import Interrupted, train
 
 
-class InterruptAt(L.Callback):
-    """Raises ``KeyboardInterrupt`` at the end of batch ``at`` (as Ctrl-C would)."""
+class CtrlCAt(L.Callback):
+    """Sends this process a real SIGINT (Ctrl-C) in the middle of batch ``at``: between its
+    backward pass and its (first) optimiser step."""
 
     def __init__(self, at: int) -> None:
-        self.at = at
+        self.at, self.sent = at, False
 
-    def on_train_batch_end(self, trainer, pl_module, *args):
-        if pl_module.batches_done == self.at:
-            raise KeyboardInterrupt
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if pl_module.batches_done == self.at and not self.sent:
+            self.sent = True
+            os.kill(os.getpid(), signal.SIGINT)
 
 
 class PoisonAt(L.Callback):
@@ -83,13 +86,15 @@ def test_interrupted_and_resumed_run_equals_the_uninterrupted_one(case, make_cfg
     cut = make_cfg(
         *common,
         f"paths.output_dir={tmp_path}/cut",
-        f"+callbacks.interrupt={{_target_: tests.test_resume.InterruptAt, at: {at}}}",
+        f"+callbacks.interrupt={{_target_: tests.test_resume.CtrlCAt, at: {at}}}",
     )
     try:
-        with pytest.raises(SystemExit):  # Lightning's graceful Ctrl-C shutdown exits
+        # Ctrl-C mid-step: the batch finishes, last.ckpt is written at its end, training stops.
+        with pytest.raises(Interrupted, match="resume with ckpt_path="):
             train(cut)
     finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)  # Lightning ignored SIGINT
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     last = tmp_path / "cut/checkpoints/last.ckpt"
     assert torch.load(last, weights_only=False)["diffft_batches_done"] == at
     resumed = make_cfg(*common, f"paths.output_dir={tmp_path}/resumed", f"ckpt_path={last}")
@@ -99,8 +104,8 @@ def test_interrupted_and_resumed_run_equals_the_uninterrupted_one(case, make_cfg
     _compare(a, b)
 
 
-# Checkpoints after batch 2 (ModelCheckpoint counts optimiser steps: SFT-PG takes two per
-# critic batch, the critic's and the baseline's).
+# Checkpoints after batch 2 (ModelCheckpoint counts optimiser steps: SFT-PG takes one per
+# critic batch, for the critic and the baseline, and one per generator step).
 NAN_CASES = {
     "ddpm": ("swiss_roll_ddpm", "chain.eps_net", "denoising", []),
     "sft_pg": (
@@ -109,7 +114,7 @@ NAN_CASES = {
         "critic",
         [
             "callbacks.model_checkpoint.every_n_epochs=null",
-            "callbacks.model_checkpoint.every_n_train_steps=4",
+            "callbacks.model_checkpoint.every_n_train_steps=2",
         ],
     ),
 }

@@ -60,11 +60,12 @@ class PeriodicEvaluation(L.Callback):
             # the loggers only on batches that are multiples of trainer.log_every_n_steps.
             pl_module.log_dict(logs, prog_bar=True, logger=False)
             row = {**logs, "time/train_s": self.elapsed, "time/batches": float(self.batches)}
-            # (When every_n_batches is a multiple of log_every_n_steps, metrics.csv has a loss row
-            # and an eval row with the same step.)
+            # At Lightning's step for this batch (batches done before it), the step of its loss
+            # row: when every_n_batches is a multiple of log_every_n_steps, metrics.csv has a
+            # loss row and an eval row with the same step.
             if trainer.is_global_zero:
                 for logger in trainer.loggers:
-                    logger.log_metrics(row, step=pl_module.batches_done)
+                    logger.log_metrics(row, step=pl_module.batches_done - 1)
                 if self.plot_dir is not None:
                     self.plot(trainer, pl_module)
             self._start = time.perf_counter()

@@ -14,6 +14,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+import torch.distributed as dist
 from sklearn.datasets import make_swiss_roll
 from torch.utils.data import DataLoader, IterableDataset
 
@@ -116,6 +117,11 @@ class InMemoryBatches(IterableDataset):
 
     def __len__(self) -> int:
         _, world, _ = self._position()
+        if self.data.shape[0] < world:
+            raise DataError(
+                f"{self.data.shape[0]} training rows cannot be split over {world} DDP ranks; "
+                "use fewer trainer.devices or more data"
+            )
         return -(-(self.data.shape[0] // world) // self.batch_size)
 
     def __iter__(self) -> Iterator[torch.Tensor]:
@@ -242,7 +248,9 @@ class ToyDataModule(L.LightningDataModule):
         """(rank, world size, batches done) from the trainer and its method (the method's own
         counter, ``SamplerMethod.batches_done``; the trainer's epoch x length without one)."""
         trainer = self.trainer
-        if trainer is None:
+        if trainer is None:  # a loader used outside a trainer (e.g. passed to fit directly)
+            if dist.is_available() and dist.is_initialized():
+                return dist.get_rank(), dist.get_world_size(), None
             return 0, 1, None
         done = getattr(trainer.lightning_module, "batches_done", None)
         if done is None:

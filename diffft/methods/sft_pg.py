@@ -147,21 +147,28 @@ class SFTPG(SamplerMethod):
         return ddpm.short_chain(sampler.pop("steps"), sampler.pop("subsample", "none"), **sampler)
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        """The sampler's optimiser, and one for the critic and the baseline together (two
+        parameter groups with their own learning rates: per-parameter Adam/RMSprop state makes
+        this the same as two optimisers; one step after their shared backward also lets a
+        16-mixed GradScaler unscale both with the scale the loss was multiplied by)."""
         lr = self.hparams.lr or {}
         opt = self.hparams.optimizer or {"_target_": "torch.optim.Adam"}
+        groups = [
+            {"params": list(self.critic.parameters()), "lr": lr.get("critic", 1e-3)},
+            {"params": list(self.baseline.parameters()), "lr": lr.get("baseline", 1e-3)},
+        ]
         return [
             instantiate(opt, params=self.chain.parameters(), lr=lr.get("generator", 5e-5)),
-            instantiate(opt, params=self.critic.parameters(), lr=lr.get("critic", 1e-3)),
-            instantiate(opt, params=self.baseline.parameters(), lr=lr.get("baseline", 1e-3)),
+            instantiate(opt, _partial_=True)(groups),  # (instantiate would wrap the dicts)
         ]
 
     # -- Alg. 1 -------------------------------------------------------------------------------
     def training_step(self, real: torch.Tensor, batch_idx: int) -> None:
         hp = self.hparams
-        opt_g, opt_f, opt_b = self.optimizers()
+        opt_g, opt_fb = self.optimizers()
         g = self.batch_generator()  # this rank's stream of this batch: rollouts, penalty, order
         traj = self.chain.sample(hp.rollout_batch, generator=g, return_trajectory=True)  # no grad
-        logs = self.critic_step(real, traj, opt_f, opt_b, g)
+        logs = self.critic_step(real, traj, opt_fb, g)
         if hp.estimator == "policy_gradient":
             self.buffer.append(traj.states)
         self.iteration += 1
@@ -177,7 +184,7 @@ class SFTPG(SamplerMethod):
             self.log_dict(logs)
 
     def critic_step(
-        self, real: torch.Tensor, traj: Trajectory, opt_f: Any, opt_b: Any, g: torch.Generator
+        self, real: torch.Tensor, traj: Trajectory, opt_fb: Any, g: torch.Generator
     ) -> dict:
         """Maximise L = g - lambda R_B (Eq. 23), optionally with the penalty of Eq. 22."""
         hp = self.hparams
@@ -204,11 +211,9 @@ class SFTPG(SamplerMethod):
         if "loss/baseline" in logs:
             parts["baseline"] = logs["loss/baseline"]
         self.check_finite(**parts)
-        opt_f.zero_grad()
-        opt_b.zero_grad()
+        opt_fb.zero_grad()
         self.manual_backward(loss)
-        opt_f.step()
-        opt_b.step()
+        opt_fb.step()  # the critic's and the baseline's parameter groups
         return logs
 
     def policy_gradient_steps(self, opt_g: Any, g: torch.Generator) -> torch.Tensor:
