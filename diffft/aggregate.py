@@ -106,11 +106,15 @@ def load_config(run: Path) -> dict[str, Any]:
 
 def references(run: Path) -> dict[str, str]:
     """``{row: "source value, ..."}`` from a run's ``eval.references``, when its data are those
-    of ``eval.reference_data`` (as ``diffft.train.references_for`` decides for its table)."""
+    of ``eval.reference_data`` and its config has the ``eval.reference_when`` values (as
+    ``diffft.train.references_for`` decides for its table)."""
     cfg = OmegaConf.to_container(OmegaConf.load(run / "config.yaml"))
     ev, data = cfg.get("eval") or {}, cfg.get("dataset") or {}
     on = ev.get("reference_data")
     if on is not None and any(data.get(k) != v for k, v in on.items()):
+        return {}
+    flat = flatten(cfg)
+    if any(flat.get(k) != v for k, v in (ev.get("reference_when") or {}).items()):
         return {}
     refs = ev.get("references") or {}
     return {row: ", ".join(f"{k} {v}" for k, v in r.items()) for row, r in refs.items() if r}

@@ -329,10 +329,15 @@ def check_solvers(cfg: DictConfig) -> None:
 
 def references_for(cfg: DictConfig, identity: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """``eval.references`` when the run's data are those the references were measured on
-    (every key of ``eval.reference_data`` matches the data's identity; null = any data)."""
+    (every key of ``eval.reference_data`` matches the data's identity; null = any data) and
+    the run is the setup they were measured with (every dotted key of ``eval.reference_when``,
+    e.g. ``method.schedule.name: sigmoid``, has that value)."""
     refs = OmegaConf.to_container(cfg.eval.references, resolve=True) or {}
     on = cfg.eval.get("reference_data")
     if on is not None and any(identity.get(k) != v for k, v in on.items()):
+        return {}
+    when = cfg.eval.get("reference_when") or {}
+    if any(OmegaConf.select(cfg, k) != v for k, v in when.items()):
         return {}
     return refs
 

@@ -9,14 +9,25 @@ sd and range beside what the first 3 / 5 draws alone would report. The numbers b
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import numpy as np
 import torch
+from hydra import compose, initialize_config_module
+from hydra.utils import instantiate
 
-sys.path.insert(0, str(Path(__file__).parent))
-from ddpm_results import evaluator, train_config  # noqa: E402
+from diffft.evaluation import Evaluator
+
+
+def evaluator(dataset: str) -> Evaluator:
+    """The default train config's ``Evaluator`` on ``dataset`` (no floor cache)."""
+    with initialize_config_module("diffft.conf", version_base="1.3"):
+        cfg = compose("train", overrides=[f"dataset={dataset}"])
+    dm = instantiate(cfg.dataset)
+    dm.setup()
+    ev = cfg.eval
+    return Evaluator(
+        dm, list(ev.metrics), n=ev.n, draws=ev.draws, seed=ev.seed, w2_points=ev.w2_points
+    )
 
 
 def main() -> None:
@@ -25,7 +36,7 @@ def main() -> None:
     parser.add_argument("--dataset", default="swiss_roll")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    ev = evaluator(train_config(args.dataset))
+    ev = evaluator(args.dataset)
     ev.floor_draws, ev.cache_dir = args.draws, None
     for name, values in ev.floor().items():
         v = np.asarray(values)

@@ -126,3 +126,14 @@ def test_bad_solver_rows_fail_before_training(make_cfg, monkeypatch):
         train(cfg)
     with pytest.raises(ValueError, match="eval.solvers.kinds: unknown \\['heun'\\]"):
         train(make_cfg("experiment=swiss_roll_sft_pg", "debug=fast", "eval.solvers.kinds=[heun]"))
+
+
+def test_paper_references_print_only_for_their_data_and_setup(make_cfg):
+    from diffft.train import references_for
+
+    roll = {"name": "swiss_roll", "n_train": 10000, "n_test": 10000, "seed": 0}
+    cfg = make_cfg("experiment=swiss_roll_ddpm")
+    assert "DDPM T=10" in references_for(cfg, roll)  # the paper's sigmoid setup, its data
+    assert references_for(cfg, {**roll, "seed": 1}) == {}  # other data
+    cosine = make_cfg("experiment=swiss_roll_ddpm", "method.schedule.name=cosine")
+    assert references_for(cosine, roll) == {}  # another setup: its rows print '–'
