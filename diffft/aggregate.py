@@ -198,6 +198,12 @@ def aggregate(
     return groups
 
 
+def _cell(s: RowStats, m: str) -> str:
+    """``mean ± sd``, or ``–`` where the row has no values of ``m`` (e.g. a metric of another
+    dataset in a sweep over datasets)."""
+    return f"{s.mean[m]:.4g} ± {s.sd[m]:.2g}" if s.n.get(m) else "–"
+
+
 def _metrics(groups: list[Group]) -> list[str]:
     return list(next(iter(groups[0].rows.values())).mean) if groups and groups[0].rows else []
 
@@ -217,7 +223,7 @@ def format_md(groups: list[Group], root: str | Path, n_runs: int, over: list[str
             lines += ["### " + ", ".join(f"{k}={v}" for k, v in group.key.items()), ""]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for name, s in group.rows.items():
-            cells = [f"{s.mean[m]:.4g} ± {s.sd[m]:.2g}" for m in metrics]
+            cells = [_cell(s, m) for m in metrics]
             lines.append("| " + " | ".join([name, *cells, str(s.runs)]) + " |")
     return "\n".join([*lines, "", FOOTER]) + "\n"
 
@@ -238,7 +244,7 @@ def format_one_table(groups: list[Group], root: str | Path, n_runs: int, over: l
     floors: list[RowStats] = []
     for group in groups:
         for name, s in group.rows.items():
-            cells = [f"{s.mean[m]:.4g} ± {s.sd[m]:.2g}" for m in metrics]
+            cells = [_cell(s, m) for m in metrics]
             if name == FLOOR:
                 if all(f.mean != s.mean for f in floors):
                     floors.append(s)
@@ -248,7 +254,7 @@ def format_one_table(groups: list[Group], root: str | Path, n_runs: int, over: l
             lines.append("| " + " | ".join([*keys, name, *cells, str(s.runs), ref]) + " |")
     for s in floors:
         row = [*([""] * len(by)), FLOOR]
-        row += [f"{s.mean[m]:.4g} ± {s.sd[m]:.2g}" for m in metrics] + [str(s.runs), "–"]
+        row += [_cell(s, m) for m in metrics] + [str(s.runs), "–"]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join([*lines, "", FOOTER]) + "\n"
 
