@@ -30,7 +30,7 @@ class PeriodicEvaluation(L.Callback):
         n: int = 2_000,
         plot_dir: str | Path | None = None,
     ) -> None:
-        self.every, self.batches = every_n_batches, 0
+        self.every = every_n_batches
         self.plot_dir = Path(plot_dir) if plot_dir else None
         self.elapsed, self._start = 0.0, 0.0  # training wall time (excluding evaluation)
         self.evaluator = Evaluator(
@@ -47,8 +47,8 @@ class PeriodicEvaluation(L.Callback):
         self._start = time.perf_counter()
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, *args: Any) -> None:
-        self.batches += 1
-        if self.every > 0 and self.batches % self.every == 0:
+        done = pl_module.batches_done  # the method's own counter (restored on resume)
+        if self.every > 0 and done % self.every == 0:
             now = time.perf_counter()
             self.elapsed += now - self._start
             # Rank 0 samples and scores; the others wait in the broadcast and log the same
@@ -59,13 +59,13 @@ class PeriodicEvaluation(L.Callback):
             # For the progress bar and checkpoint monitoring only: Lightning would write these to
             # the loggers only on batches that are multiples of trainer.log_every_n_steps.
             pl_module.log_dict(logs, prog_bar=True, logger=False)
-            row = {**logs, "time/train_s": self.elapsed, "time/batches": float(self.batches)}
+            row = {**logs, "time/train_s": self.elapsed, "time/batches": float(done)}
             # At Lightning's step for this batch (batches done before it), the step of its loss
             # row: when every_n_batches is a multiple of log_every_n_steps, metrics.csv has a
             # loss row and an eval row with the same step.
             if trainer.is_global_zero:
                 for logger in trainer.loggers:
-                    logger.log_metrics(row, step=pl_module.batches_done - 1)
+                    logger.log_metrics(row, step=done - 1)
                 if self.plot_dir is not None:
                     self.plot(trainer, pl_module)
             self._start = time.perf_counter()
@@ -80,8 +80,7 @@ class PeriodicEvaluation(L.Callback):
         log_image(trainer.loggers, "samples/periodic", path, step=step)
 
     def state_dict(self) -> dict[str, float]:
-        return {"batches": self.batches, "elapsed": self.elapsed}
+        return {"elapsed": self.elapsed}
 
     def load_state_dict(self, state_dict: dict[str, float]) -> None:
-        self.batches = int(state_dict["batches"])
         self.elapsed = state_dict.get("elapsed", 0.0)

@@ -87,6 +87,12 @@ def load_points_file(path: str | Path) -> np.ndarray:
     return x
 
 
+def batches_per_epoch(rows: int, world_size: int, batch_size: int) -> int:
+    """Batches each rank takes per epoch: its ``rows // world_size`` rows (the remainder is
+    left out of the epoch), the last batch possibly short."""
+    return -(-(rows // world_size) // batch_size)
+
+
 class InMemoryBatches(IterableDataset):
     """Shuffled index-slice batches of one in-memory tensor; a new permutation every epoch.
 
@@ -122,7 +128,7 @@ class InMemoryBatches(IterableDataset):
                 f"{self.data.shape[0]} training rows cannot be split over {world} DDP ranks; "
                 "use fewer trainer.devices or more data"
             )
-        return -(-(self.data.shape[0] // world) // self.batch_size)
+        return batches_per_epoch(self.data.shape[0], world, self.batch_size)
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         rank, world, done = self._position()
@@ -254,7 +260,7 @@ class ToyDataModule(L.LightningDataModule):
             return 0, 1, None
         done = getattr(trainer.lightning_module, "batches_done", None)
         if done is None:
-            n = -(-(self.train.shape[0] // trainer.world_size) // self.batch_size)
+            n = batches_per_epoch(self.train.shape[0], trainer.world_size, self.batch_size)
             done = trainer.current_epoch * n
         return trainer.global_rank, trainer.world_size, int(done)
 
