@@ -24,15 +24,28 @@ import torch
 
 from diffft.diffusion.sampler import Sampler
 from diffft.locks import file_lock
+from diffft.metrics.auc import energy_auc, kde_energy, uniform_box
 from diffft.metrics.ot import exact_w2, mean_sd, sliced_w2
+
+Energy = Callable[[torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
 class Metric:
-    fn: Callable[..., float]  # (x, y, seed) -> float
+    """``scores: samples``: ``fn(samples, reference split, draw seed)``; ``scores: energy``: the
+    metric scores a method's energy (``fn(energy, reference split, draw, evaluator)``), and rows
+    without an energy (a DDPM, a solver) have no value."""
+
+    fn: Callable[..., float]
     reference: str  # "train" or "test": the real split the samples are compared with
     scale: float
     label: str
+    scores: str = "samples"
+
+
+def _auc(energy: Energy, test: torch.Tensor, draw: int, ev: Evaluator) -> float:
+    lo, hi = ev.auc_box()
+    return energy_auc(energy, test, uniform_box(test.shape[0], lo, hi, draw), ev.energy_device)
 
 
 def _sw(n_projections: int) -> Callable[..., float]:
@@ -45,7 +58,13 @@ METRICS: dict[str, Metric] = {
     # DxMI Table 1: sliced W2, 1000 projections, 10K generated vs 10K test points.
     "sw": Metric(_sw(1000), "test", 1.0, "SW2 1000 proj vs test"),
     "w2": Metric(lambda x, y, seed: exact_w2(x, y), "test", 1e2, "exact W2 vs test (x1e-2)"),
+    # DxMI Table 1: AUC of the energy, 10K test points vs 10K uniform over the data's box.
+    "auc": Metric(_auc, "test", 1.0, "energy AUC test vs uniform", scores="energy"),
 }
+# Points of the real sample the "auc" floor's KDE is fitted to, and its draws (a 10K x 20K KDE
+# evaluation takes ~6 s).
+AUC_FLOOR_POINTS = 5_000
+AUC_FLOOR_DRAWS = 10
 
 
 def check_metrics(names: list[str]) -> None:
@@ -66,6 +85,8 @@ class Evaluator:
         floor_draws: draws of the floor (None = ``draws``); its cost is one metric call each.
         cache_dir: where floors are cached (None = no cache).
         batch_size: samples drawn per sampler call (None = all ``n`` at once).
+        auc_box: ``[lo, hi]`` of the uniform noise of the ``auc`` metric in every dimension
+            (None = the bounding box of the training split).
     """
 
     def __init__(
@@ -79,8 +100,11 @@ class Evaluator:
         cache_dir: str | Path | None = None,
         floor_draws: int | None = None,
         batch_size: int | None = None,
+        auc_box: list[float] | None = None,
     ) -> None:
         check_metrics(list(metrics))
+        self.box = auc_box
+        self.energy_device: torch.device | str = "cpu"
         self.dm, self.metrics, self.n, self.draws = datamodule, list(metrics), n, draws
         self.floor_draws = floor_draws or draws
         self.seed, self.w2_points = seed, w2_points
@@ -90,9 +114,20 @@ class Evaluator:
     def _points(self, name: str) -> int:
         return min(self.n, self.w2_points) if name == "w2" else self.n
 
-    def _score(self, name: str, x: torch.Tensor, draw: int) -> float:
+    def auc_box(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-dimension bounds of the ``auc`` metric's uniform noise."""
+        if self.box is not None:
+            if len(self.box) != 2 or not self.box[0] < self.box[1]:
+                raise ValueError(f"eval.auc_box={list(self.box)}; expected [lo, hi] with lo < hi")
+            dim = self.dm.train.shape[1]
+            return torch.full((dim,), float(self.box[0])), torch.full((dim,), float(self.box[1]))
+        return self.dm.train.min(0).values.float(), self.dm.train.max(0).values.float()
+
+    def _score(self, name: str, x: torch.Tensor | Energy, draw: int) -> float:
         metric = METRICS[name]
         ref = self.dm.train if metric.reference == "train" else self.dm.test
+        if metric.scores == "energy":
+            return metric.scale * metric.fn(x, ref[: self.n], draw, self)
         m = self._points(name)
         if m < ref.shape[0] and name == "w2":
             ref = ref[torch.randperm(ref.shape[0], generator=torch.Generator().manual_seed(draw))]
@@ -105,9 +140,13 @@ class Evaluator:
         return {name: self._score(name, x, draw) for name in self.metrics}
 
     @torch.no_grad()
-    def evaluate(self, sampler: Sampler, draws: int | None = None) -> dict[str, list[float]]:
-        """Metric values per draw for samples of ``sampler`` (drawn in eval mode)."""
+    def evaluate(
+        self, sampler: Sampler, draws: int | None = None, energy: Energy | None = None
+    ) -> dict[str, list[float]]:
+        """Metric values per draw for samples of ``sampler`` (drawn in eval mode); energy
+        metrics score ``energy`` (none without one: their lists stay empty)."""
         out: dict[str, list[float]] = {m: [] for m in self.metrics}
+        self.energy_device = sampler.device
         module = sampler if isinstance(sampler, torch.nn.Module) else None
         training = module.training if module is not None else False
         if module is not None:
@@ -117,7 +156,11 @@ class Evaluator:
                 g = torch.Generator(device=sampler.device).manual_seed(self.seed + d)
                 x = sampler.sample(self.n, generator=g, batch_size=self.batch_size)
                 for name in self.metrics:
-                    out[name].append(self._score(name, x, d))
+                    if METRICS[name].scores == "energy":
+                        if energy is not None:
+                            out[name].append(self._score(name, energy, d))
+                    else:
+                        out[name].append(self._score(name, x, d))
         finally:
             if module is not None:
                 module.train(training)
@@ -145,6 +188,11 @@ class Evaluator:
 
     def _floor_values(self, name: str) -> list[float]:
         reference = METRICS[name].reference
+        if METRICS[name].scores == "energy":  # an energy that knows only a real sample
+            self.energy_device = "cpu"
+            draws = range(min(self.floor_draws, AUC_FLOOR_DRAWS))
+            fresh = lambda d: self.dm.fresh(min(self.n, AUC_FLOOR_POINTS), d, reference)  # noqa: E731
+            return [self._score(name, kde_energy(fresh(d)), d) for d in draws]
         return [
             self._score(name, self.dm.fresh(self._points(name), d, reference), d)
             for d in range(self.floor_draws)
@@ -153,6 +201,8 @@ class Evaluator:
     def _cache_key(self, name: str) -> str:
         data = {k: v for k, v in self.dm.identity().items() if k != "path"}  # a moved file too
         ident = [sorted(data.items()), name, self._points(name), self.floor_draws]
+        if METRICS[name].scores == "energy":
+            ident.append([t.tolist() for t in self.auc_box()])
         return f"{self.dm.name}-{name}-" + hashlib.sha1(repr(ident).encode()).hexdigest()[:12]
 
 
@@ -169,7 +219,10 @@ def format_table(
     for name, values in rows.items():
         cells = [name]
         for m in metrics:
-            mu, sd = mean_sd(values[m]) if values.get(m) else (float("nan"), float("nan"))
+            if not values.get(m):  # e.g. the energy AUC of a row without an energy
+                cells.append("–")
+                continue
+            mu, sd = mean_sd(values[m])
             cells.append(f"{mu:.4g} ± {sd:.2g}")
         ref = references.get(name, {})
         cells.append(", ".join(f"{k} {v}" for k, v in ref.items()) or "–")

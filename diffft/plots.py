@@ -33,3 +33,75 @@ def scatter_samples(
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def _grid(data: torch.Tensor, n: int = 200) -> tuple[torch.Tensor, tuple[float, ...]]:
+    lo = data[:, :2].min(0).values - 0.25 * data[:, :2].std(0)
+    hi = data[:, :2].max(0).values + 0.25 * data[:, :2].std(0)
+    xs = torch.linspace(lo[0].item(), hi[0].item(), n)
+    ys = torch.linspace(lo[1].item(), hi[1].item(), n)
+    gx, gy = torch.meshgrid(xs, ys, indexing="xy")
+    extent = (lo[0].item(), hi[0].item(), lo[1].item(), hi[1].item())
+    return torch.stack([gx.flatten(), gy.flatten()], 1), extent
+
+
+@torch.no_grad()
+def _on_grid(fn, points: torch.Tensor, device: torch.device, n: int) -> torch.Tensor:
+    return fn(points.to(device)).float().cpu().view(n, n)
+
+
+def energy_map(
+    energy,
+    data: torch.Tensor,
+    samples: torch.Tensor,
+    path: str | Path,
+    title: str,
+    device: torch.device | str = "cpu",
+    n: int = 200,
+) -> Path:
+    """DxMI Fig. 2: the energy on a grid over the data (light = low) with samples on top;
+    ``energy`` maps points ``[m, 2]`` on ``device`` to ``[m]``."""
+    pts, extent = _grid(data.cpu(), n)
+    e = _on_grid(energy, pts, device, n)
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.imshow(e.numpy(), origin="lower", extent=extent, cmap="Reds", aspect="equal")
+    x = samples[:5_000].detach().cpu()
+    ax.scatter(x[:, 0], x[:, 1], s=1, c="tab:blue", alpha=0.4)
+    ax.set_xlim(extent[0], extent[1])
+    ax.set_ylim(extent[2], extent[3])
+    ax.set_title(f"{title}: energy (light = low) and samples", fontsize=9)
+    return _save(fig, path)
+
+
+def value_maps(
+    value,
+    steps: int,
+    data: torch.Tensor,
+    path: str | Path,
+    device: torch.device | str = "cpu",
+    n: int = 120,
+) -> Path:
+    """DxMI Fig. 3: the value ``V_k`` on a grid for k = K (noise) ... 0 (= the energy), blue =
+    low; ``value(x, k)`` takes points and a LongTensor of steps."""
+    pts, extent = _grid(data.cpu(), n)
+    fig, axes = plt.subplots(1, steps + 1, figsize=(3 * (steps + 1), 3), squeeze=False)
+    for ax, k in zip(axes[0], range(steps, -1, -1), strict=True):
+
+        def fn(x: torch.Tensor, k: int = k) -> torch.Tensor:
+            return value(x, torch.full((x.shape[0],), k, dtype=torch.long, device=x.device))
+
+        v = _on_grid(fn, pts, device, n)
+        ax.imshow(v.numpy(), origin="lower", extent=extent, cmap="coolwarm", aspect="equal")
+        ax.set_title(f"V_{k}" + (" = energy" if k == 0 else ""), fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    return _save(fig, path)
+
+
+def _save(fig, path: str | Path) -> Path:
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

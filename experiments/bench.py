@@ -18,6 +18,7 @@ import copy
 import io
 import json
 import logging
+import math
 import os
 import platform
 import statistics
@@ -276,11 +277,18 @@ SFT_REFERENCE_LOW_S = 0.28 * 2000 + 0.083 * 79 * 200
 SFT_EVERY = 790  # periodic evaluation interval of the end-to-end run (10 epochs)
 
 
-def sft_pg_method(tmp: Path, *overrides: str) -> tuple[DictConfig, Any]:
-    """An SFT-PG module on an untrained DDPM of the experiment's pretrain stage (timing only)."""
+def sft_pg_method(
+    tmp: Path, *overrides: str, experiment: str | None = None
+) -> tuple[DictConfig, Any]:
+    """A fine-tuning module (SFT-PG by default) on an untrained DDPM of the experiment's
+    pretrain stage (timing only)."""
     cfg = compose(
         "train",
-        overrides=[f"paths.output_dir={tmp}/out", f"experiment={SFT_PAPER}", *overrides],
+        overrides=[
+            f"paths.output_dir={tmp}/out",
+            f"experiment={experiment or SFT_PAPER}",
+            *overrides,
+        ],
     )
     pre = compose("train", overrides=list(cfg.pretrain.overrides))
     method_cfg = OmegaConf.to_container(cfg.method, resolve=True)
@@ -379,6 +387,115 @@ def bench_sft_pg_step(tmp: Path, iters: int, repeats: int) -> list[str]:
         "",
         f"SFT-PG iteration: bare {bare:.2f} ms, diffft {ours:.2f} ms, ratio {bare / ours:.2f} "
         f"(target >= 0.9); {83 / ours:.1f}x faster than the released code",
+    ]
+
+
+DXMI = "eight_gaussians_dxmi"
+
+
+def diffft_dxmi_ms(tmp: Path, iters: int) -> float:
+    """ms per DxMI iteration (one Lightning batch) under diffft's trainer."""
+    cfg, method = sft_pg_method(
+        tmp,
+        "trainer.enable_progress_bar=false",
+        "eval.every_n_batches=0",
+        "~logger",
+        "callbacks.model_checkpoint=null",
+        experiment=DXMI,
+    )
+    torch.set_num_threads(cfg.threads)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    datamodule = instantiate(cfg.dataset)
+    datamodule.setup("fit")
+    trainer = dtrain.build_trainer(cfg, Evaluator(datamodule, ["sw"]))
+    timer = StepTimer(stop_after=iters)
+    trainer.callbacks.append(timer)
+    trainer.fit(method, datamodule)
+    return timer.ms_per_step
+
+
+def bare_dxmi_ms(tmp: Path, iters: int) -> float:
+    """ms per iteration of DxMI's Alg. 1 as a plain PyTorch loop: the same chain, value (whose
+    step 0 is the energy), Adam optimisers and cosine learning rate; rollout, AVR, energy step,
+    one joint TD step and one reparameterised sampler step."""
+    cfg, method = sft_pg_method(tmp, experiment=DXMI)
+    hp, data_cfg = cfg.method, cfg.dataset
+    torch.manual_seed(cfg.seed)
+    data = instantiate(data_cfg)
+    data.setup("fit")
+    x, n, batch = data.train, data.train.shape[0], data_cfg.batch_size
+    chain, value = method.chain, method.value
+    opts = {
+        "sampler": torch.optim.Adam(chain.eps_net.parameters(), lr=hp.lr.sampler),
+        "sigma": torch.optim.Adam([chain.log_sigma], lr=hp.lr.sigma),
+        "value": torch.optim.Adam(value.parameters(), lr=hp.lr.value),
+    }
+    base = {k: o.param_groups[0]["lr"] for k, o in opts.items()}
+    s2 = chain.fixed_sigma.square().clone()
+    K, D, tau, total = chain.steps, 2, hp.tau, iters
+    g = torch.Generator().manual_seed(data_cfg.seed)
+
+    def V(z: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        return value(z, k).view(-1)
+
+    def step(names: tuple[str, ...], loss: torch.Tensor) -> None:
+        for name in names:
+            opts[name].zero_grad(set_to_none=True)
+        loss.backward()
+        for name in names:
+            opts[name].step()
+
+    done = 0
+    t0 = time.perf_counter()
+    while done < iters:
+        perm = torch.randperm(n, generator=g)
+        for i in range(0, n, batch):
+            f = 0.5 * (1 + math.cos(math.pi * done / total))
+            for name, o in opts.items():
+                o.param_groups[0]["lr"] = base[name] * f
+            real = x[perm[i : i + batch]]
+            traj = chain.sample(hp.rollout_batch, generator=g, return_trajectory=True)
+            x_k, x_prev, k = traj.transitions()
+            sq = (x_k - x_prev).square().sum(1)
+            with torch.no_grad():
+                s2[1:] = 0.99 * s2[1:] + 0.01 * sq.view(K, -1).mean(1) / D
+            zero = torch.zeros(batch, dtype=torch.long)
+            e_r, e_f = V(real, zero[: real.shape[0]]), V(traj.sample, zero)
+            loss = e_r.mean() - e_f.mean() + (e_r.square().mean() + e_f.square().mean())
+            step(("value",), loss)
+            with torch.no_grad():
+                cost = tau * chain.log_prob(x_prev, x_k, k) + tau * sq / (2 * s2[k])
+                target = V(x_prev, k - 1) + cost
+            step(("value",), (target - V(x_k, k)).square().mean())
+            idx = torch.randperm(x_k.shape[0], generator=g)[: hp.sampler_batch]
+            xs, ks = x_k[idx], k[idx]
+            new = chain.step(xs, ks, torch.randn(xs.shape, generator=g))
+            loss = V(new, ks - 1) - tau * D * chain.log_sigma[ks]
+            loss = (loss + tau * (xs - new).square().sum(1) / (2 * s2[ks])).mean()
+            step(("sampler", "sigma"), loss)
+            done += 1
+            if done == iters:
+                break
+    return (time.perf_counter() - t0) * 1e3 / iters
+
+
+def bench_dxmi_step(tmp: Path, iters: int, repeats: int) -> list[str]:
+    runs: dict[str, list[float]] = {"bare": [], "diffft": []}
+    for _ in range(repeats):
+        runs["bare"].append(bare_dxmi_ms(tmp, iters))
+        runs["diffft"].append(diffft_dxmi_ms(tmp, iters))
+    bare, ours = statistics.median(runs["bare"]), statistics.median(runs["diffft"])
+    each = " ".join(f"{b / d:.2f}" for b, d in zip(runs["bare"], runs["diffft"], strict=True))
+    return [
+        f"DxMI iteration (experiment={DXMI}, {iters} iterations x {repeats} interleaved "
+        "repeats, median):",
+        "",
+        f"  bare {bare:.2f} ms ({min(runs['bare']):.2f}-{max(runs['bare']):.2f}), "
+        f"diffft {ours:.2f} ms ({min(runs['diffft']):.2f}-{max(runs['diffft']):.2f}); "
+        f"per-repeat ratios {each}",
+        "",
+        f"DxMI iteration: bare {bare:.2f} ms, diffft {ours:.2f} ms, ratio {bare / ours:.2f} "
+        "(target >= 0.9)",
     ]
 
 
@@ -551,9 +668,8 @@ def machine() -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="a few hundred steps, one quality cap")
-    p.add_argument(
-        "--part", choices=("step", "quality", "sft_step", "sft_e2e", "ddp", "all"), default="all"
-    )
+    parts = ("step", "quality", "sft_step", "sft_e2e", "dxmi_step", "ddp", "all")
+    p.add_argument("--part", choices=parts, default="all")
     p.add_argument("--no-bar", action="store_true", help="skip the progress-bar variant")
     args = p.parse_args()
     torch.set_num_threads(1)
@@ -581,6 +697,10 @@ def main() -> None:
             lines += [*out, ""]
         if args.part in ("sft_e2e", "all") and not args.quick:
             out = bench_sft_pg_e2e(tmp)
+            print("\n" + "\n".join(out), flush=True)
+            lines += [*out, ""]
+        if args.part in ("dxmi_step", "all"):
+            out = bench_dxmi_step(tmp, 200 if args.quick else 1500, repeats)
             print("\n" + "\n".join(out), flush=True)
             lines += [*out, ""]
         if args.part in ("ddp", "all"):

@@ -68,6 +68,17 @@ def _assert_same(a, b, where=""):
     [
         ("swiss_roll_ddpm", ["trainer.max_steps=14"]),  # 10 batches per epoch: crosses one
         ("swiss_roll_sft_pg", ["trainer.max_steps=-1", "trainer.max_epochs=2"]),
+        # AVR's s_k^2 (all-reduced) and the EMA stay identical across ranks
+        (
+            "eight_gaussians_dxmi",
+            [
+                "trainer.max_steps=-1",
+                "trainer.max_epochs=2",
+                "dataset.batch_size=128",
+                "method.ema_decay=0.9",
+                "eval.metrics=[sw]",
+            ],
+        ),
     ],
 )
 def test_two_process_ddp_keeps_parameters_identical_and_draws_differ(

@@ -101,3 +101,36 @@ def test_policy_gradient_loss_holds_advantage_constant():
     assert loss.item() == pytest.approx(0.5)
     assert adv.grad is None
     torch.testing.assert_close(log_prob.grad, torch.tensor([1.5, -0.5]))
+
+
+def test_dxmi_losses():
+    from diffft.methods.losses import (
+        avr_update,
+        energy_loss,
+        entropy_cost,
+        running_cost,
+        td_loss,
+        time_cost,
+    )
+
+    e_real, e_fake = torch.tensor([-1.0, -0.5]), torch.tensor([1.0, 0.0])
+    # E_data - E_model + gamma (E_data^2 + E_model^2): -0.75 - 0.5 + 2 (0.625 + 0.5)
+    assert energy_loss(e_real, e_fake, 2.0).item() == pytest.approx(-1.25 + 2 * 1.125)
+    lp, sq, s2 = torch.tensor([-3.0]), torch.tensor([4.0]), torch.tensor([2.0])
+    total = running_cost(lp, sq, s2, tau1=0.1, tau2=0.5, dim=4, reduction="sum")
+    assert total.item() == pytest.approx(0.1 * -3.0 + 0.5 * 4.0 / 4.0)
+    mean = running_cost(lp, sq, s2, tau1=0.1, tau2=0.5, dim=4, reduction="mean")
+    assert mean.item() == pytest.approx(total.item() / 4)
+    assert entropy_cost(torch.tensor(0.5), 3).item() == pytest.approx(-1.5)
+    v = torch.tensor([1.0, 2.0], requires_grad=True)
+    target = torch.tensor([0.0, 0.0], requires_grad=True)
+    td_loss(v, target).backward()
+    assert target.grad is None and v.grad is not None  # the target is held fixed
+    assert avr_update(torch.tensor(1.0), torch.tensor(3.0), 0.75).item() == pytest.approx(1.5)
+    # The sigmoid time cost of T = 10 sums to 0.987 (specs/dxmi.md) and is largest mid-chain.
+    r = time_cost("sigmoid", 10)
+    assert r[0] == 0 and r[1:].sum().item() == pytest.approx(0.987, abs=1e-3)
+    assert r.argmax().item() == 5
+    assert torch.all(time_cost("linear", 4)[1:] == 0.05)
+    with pytest.raises(ValueError, match="method.time_cost"):
+        time_cost("cubic", 4)

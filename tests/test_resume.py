@@ -69,6 +69,17 @@ RESUME_CASES = {
         ["experiment=swiss_roll_sft_pg", "trainer.max_steps=-1", "trainer.max_epochs=3"],
         11,
     ),
+    # 1000 rows / 64 = 16 batches per epoch: the energy, value, sampler and sigma optimisers,
+    # the AVR state and the cosine learning rate, interrupted in the second epoch.
+    "dxmi": (
+        [
+            "experiment=eight_gaussians_dxmi",
+            "trainer.max_steps=-1",
+            "trainer.max_epochs=2",
+            "method.ema_decay=0.9",
+        ],
+        21,
+    ),
 }
 
 

@@ -41,6 +41,7 @@ class PeriodicEvaluation(L.Callback):
             seed=evaluator.seed,
             w2_points=min(n, evaluator.w2_points),
             batch_size=evaluator.batch_size,
+            auc_box=evaluator.box,
         )
 
     def on_train_start(self, trainer: L.Trainer, pl_module: Any) -> None:
@@ -53,9 +54,14 @@ class PeriodicEvaluation(L.Callback):
             self.elapsed += now - self._start
             # Rank 0 samples and scores; the others wait in the broadcast and log the same
             # values (checkpoint monitoring runs on every rank).
-            values = self.evaluator.evaluate(pl_module.eval_chain) if trainer.is_global_zero else {}
+            energy = next(iter(pl_module.energies().values()), None)  # the run's own energy
+            values = (
+                self.evaluator.evaluate(pl_module.eval_chain, energy=energy)
+                if trainer.is_global_zero
+                else {}
+            )
             values = trainer.strategy.broadcast(values, src=0)
-            logs = {f"eval/{k}": v[0] for k, v in values.items()}
+            logs = {f"eval/{k}": v[0] for k, v in values.items() if v}
             # For the progress bar and checkpoint monitoring only: Lightning would write these to
             # the loggers only on batches that are multiples of trainer.log_every_n_steps.
             pl_module.log_dict(logs, prog_bar=True, logger=False)

@@ -17,6 +17,7 @@ the mean keeps using the fixed schedule either way, as in the DxMI release.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -179,16 +180,19 @@ class GaussianChain(nn.Module):
         grad: bool = False,
         x_K: torch.Tensor | None = None,
         batch_size: int | None = None,
+        guide: Callable[[torch.Tensor, int], torch.Tensor] | None = None,
     ) -> torch.Tensor | Trajectory:
         """Run the chain from ``x_K ~ N(0, I)`` to ``x_0`` (the ``Sampler`` protocol).
 
         ``grad=False`` rolls out under ``torch.no_grad()`` (not ``inference_mode``: the returned
         trajectory can be reused to compute gradients). ``grad=True`` keeps the graph through
         every step (pathwise / BPTT gradients). ``batch_size`` bounds the memory of a large
-        ``n`` (samples only).
+        ``n`` (samples only). ``guide(x_{k-1}, k - 1)`` returns a corrected state after each step
+        (DxMI's value guidance).
         """
         if batch_size and batch_size < n and not return_trajectory and x_K is None:
-            return in_batches(n, batch_size, lambda m: self.sample(m, generator, grad=grad))
+            draw = lambda m: self.sample(m, generator, grad=grad, guide=guide)  # noqa: E731
+            return in_batches(n, batch_size, draw)
         device = self.c_x.device
         shape = (n, *self.event_shape)
         with torch.set_grad_enabled(grad):
@@ -198,6 +202,8 @@ class GaussianChain(nn.Module):
                 kk = torch.full((n,), k, dtype=torch.long, device=device)
                 noise = torch.randn(shape, generator=generator, device=device)
                 x = self.step(x, kk, noise)
+                if guide is not None:
+                    x = guide(x, k - 1)
                 states.append(x)
         if not return_trajectory:
             return x

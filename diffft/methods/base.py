@@ -7,6 +7,8 @@ from __future__ import annotations
 import copy
 import importlib
 import inspect
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -65,6 +67,16 @@ class SamplerMethod(L.LightningModule):
         """Named samplers to evaluate at the end of a run; the first is the main one."""
         raise NotImplementedError
 
+    def energies(self) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+        """``{sampler name: energy}`` for the rows that have an energy (points -> ``[n]``, low
+        on data), scored by the energy metrics such as ``auc``; none by default."""
+        return {}
+
+    def extra_plots(self, out: Path, data: torch.Tensor, samples: torch.Tensor) -> list[Path]:
+        """Method-specific figures written beside ``samples.png`` (``samples``: the main row's);
+        returns their paths (also sent to W&B)."""
+        return []
+
     # -- the training loop's bookkeeping --------------------------------------------------------
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         # Subclasses that override this hook call super() first.
@@ -119,6 +131,67 @@ class SamplerMethod(L.LightningModule):
         self.data_identity = checkpoint.get("diffft_data", self.data_identity)
         self.seed = checkpoint.get("diffft_seed", self.seed)
         self.batches_done = checkpoint.get("diffft_batches_done", self.batches_done)
+
+
+class FineTuneMethod(SamplerMethod):
+    """What every fine-tuning method (SFT-PG, DxMI, ...) shares on top of ``SamplerMethod``.
+
+    * ``build_chain``: the T'-step ``GaussianChain`` built from a pretrained DDPM, either from
+      ``init_from`` (a DDPM checkpoint: its hyper-parameters are kept in ``hparams.ddpm``) or,
+      when the method is rebuilt from its own checkpoint, from ``hparams.ddpm`` alone (the
+      weights then come from this method's state dict); plus ``init_chain``, a frozen copy of
+      the chain before fine-tuning (the "DDPM T' (init)" row of the tables).
+    * ``iteration``: the method's own count of its iterations (a buffer, in the checkpoint), not
+      Lightning's ``global_step`` (which counts optimiser steps of every part).
+    * the per-rank random stream of each batch is ``batch_generator()`` (see ``SamplerMethod``).
+    * ``chunks``: index slices that bound the memory of updates over many transitions.
+    """
+
+    init_data: dict[str, Any] | None = None  # the DDPM's training data (from init_from)
+
+    def build_chain(
+        self,
+        dim: int,
+        init_from: str | None,
+        ddpm_hparams: dict[str, Any] | None,
+        sampler: dict[str, Any],
+        **forced: Any,
+    ) -> GaussianChain:
+        """Set ``self.chain`` (trainable), ``self.init_chain`` (frozen copy) and the
+        ``iteration`` counter; ``forced`` chain kwargs override ``sampler`` (e.g. DxMI's
+        ``learn_sigma=True``)."""
+        from diffft.methods.ddpm import DDPM  # (ddpm.py imports this module)
+
+        sampler = {**sampler, **forced}
+        if ddpm_hparams is None:
+            if not init_from:
+                raise ValueError("method.init_from is empty: set it to a DDPM checkpoint")
+            ddpm = load_method(init_from)
+            if not isinstance(ddpm, DDPM):
+                raise ValueError(
+                    f"method.init_from='{init_from}' is a {type(ddpm).__name__}, not a DDPM"
+                )
+            if ddpm.hparams.dim != dim:
+                raise ValueError(
+                    f"method.init_from='{init_from}' is a DDPM of {ddpm.hparams.dim}-D data, but "
+                    f"this run's data are {dim}-D (dataset.dim)"
+                )
+            self.hparams["ddpm"] = dict(ddpm.hparams)
+            self.init_data = ddpm.data_identity
+        else:  # rebuilt from this method's own checkpoint: weights come from its state_dict
+            known = inspect.signature(DDPM.__init__).parameters  # keys of older versions drop
+            ddpm = DDPM(**{k: v for k, v in ddpm_hparams.items() if k in known})
+        steps, kind = sampler.pop("steps"), sampler.pop("subsample", "none")
+        self.chain = ddpm.short_chain(steps, kind, **sampler)
+        self.init_chain = copy.deepcopy(self.chain).requires_grad_(False)
+        self.register_buffer("iteration", torch.zeros((), dtype=torch.long))
+        return self.chain
+
+    @staticmethod
+    def chunks(n: int, size: int | None) -> list[slice]:
+        """Consecutive slices of at most ``size`` of ``range(n)`` (None or 0: one slice)."""
+        size = size or n
+        return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
 
 class NonFiniteLossError(FloatingPointError):

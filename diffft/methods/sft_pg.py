@@ -42,16 +42,13 @@ single-process resume is exact).
 
 from __future__ import annotations
 
-import copy
-import inspect
 from typing import Any
 
 import torch
 from hydra.utils import instantiate
 
 from diffft.diffusion.chain import GaussianChain, Trajectory
-from diffft.methods.base import SamplerMethod, load_method
-from diffft.methods.ddpm import DDPM
+from diffft.methods.base import FineTuneMethod
 from diffft.methods.losses import (
     baseline_loss,
     gradient_penalty,
@@ -62,7 +59,7 @@ from diffft.methods.losses import (
 ESTIMATORS = ("policy_gradient", "pathwise")
 
 
-class SFTPG(SamplerMethod):
+class SFTPG(FineTuneMethod):
     """Args (config keys of ``conf/method/sft_pg*.yaml``):
     dim: data dimension. init_from: the DDPM checkpoint to fine-tune.
     sampler: the short chain: ``steps`` (T'), ``subsample`` (how the DDPM's T steps are
@@ -112,39 +109,13 @@ class SFTPG(SamplerMethod):
             )
         self.automatic_optimization = False
         self.save_hyperparameters()
-        self.init_data: dict[str, Any] | None = None  # the DDPM's data (from init_from)
-        self.chain = self._short_chain(init_from, ddpm, dict(sampler))
+        self.build_chain(dim, init_from, ddpm, dict(sampler))  # chain, init_chain, iteration
         if estimator == "policy_gradient":
             self.chain.require_density("method.estimator=policy_gradient (log-probabilities)")
-        self.init_chain = copy.deepcopy(self.chain).requires_grad_(False)  # "DDPM T'" row
         self.critic = instantiate(critic, dim=dim)
         self.baseline = instantiate(baseline, dim=dim, n_steps=self.chain.steps)
         self.init_ema(ema_decay)
-        self.register_buffer("iteration", torch.zeros((), dtype=torch.long))
         self.buffer: list[torch.Tensor] = []
-
-    def _short_chain(
-        self, init_from: str | None, ddpm_hparams: dict | None, sampler: dict
-    ) -> GaussianChain:
-        if ddpm_hparams is None:
-            if not init_from:
-                raise ValueError("method.init_from is empty: set it to a DDPM checkpoint")
-            ddpm = load_method(init_from)
-            if not isinstance(ddpm, DDPM):
-                raise ValueError(
-                    f"method.init_from='{init_from}' is a {type(ddpm).__name__}, not a DDPM"
-                )
-            if ddpm.hparams.dim != self.hparams.dim:
-                raise ValueError(
-                    f"method.init_from='{init_from}' is a DDPM of {ddpm.hparams.dim}-D data, but "
-                    f"this run's data are {self.hparams.dim}-D (dataset.dim)"
-                )
-            self.hparams["ddpm"] = dict(ddpm.hparams)
-            self.init_data = ddpm.data_identity
-        else:  # rebuilt from this method's own checkpoint: weights come from its state_dict
-            known = inspect.signature(DDPM.__init__).parameters  # keys of older versions drop
-            ddpm = DDPM(**{k: v for k, v in ddpm_hparams.items() if k in known})
-        return ddpm.short_chain(sampler.pop("steps"), sampler.pop("subsample", "none"), **sampler)
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         """The sampler's optimiser, and one for the critic and the baseline together (two
