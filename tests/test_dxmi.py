@@ -187,7 +187,7 @@ def test_energy_is_low_on_data_and_value_guidance_lowers_it(make_cfg, tmp_path):
     energy = tmp_path / "energy.npy"
     ckpt = out / "checkpoints/last.ckpt"
     cmd = [sys.executable, "-m", "diffft.score", f"ckpt={ckpt}", f"in={pts}", f"out={energy}"]
-    subprocess.run(cmd, check=True, capture_output=True)
+    subprocess.run(cmd, check=True, capture_output=True, cwd=tmp_path)
     e = np.load(energy)
     assert e.shape == (20,) and e.dtype == np.float32
     with torch.no_grad():
@@ -197,6 +197,7 @@ def test_energy_is_low_on_data_and_value_guidance_lowers_it(make_cfg, tmp_path):
         [sys.executable, "-m", "diffft.score", f"ckpt={ckpt}", f"in={tmp_path}/none.npy"],
         capture_output=True,
         text=True,
+        cwd=tmp_path,
     )
     assert bad.returncode != 0 and "in: no such file" in bad.stderr
 
