@@ -415,28 +415,36 @@ def diffft_dxmi_ms(tmp: Path, iters: int) -> float:
 
 
 def bare_dxmi_ms(tmp: Path, iters: int) -> float:
-    """ms per iteration of DxMI's Alg. 1 as a plain PyTorch loop: the same chain, value (whose
-    step 0 is the energy), Adam optimisers and cosine learning rate; rollout, AVR, energy step,
-    one joint TD step and one reparameterised sampler step."""
+    """ms per iteration of DxMI's Alg. 1 as a plain PyTorch loop: the same chain, value, energy
+    network (V_0), Adam optimisers and cosine learning rate; rollout, AVR, energy step, one
+    joint TD step and one reparameterised sampler step."""
     cfg, method = sft_pg_method(tmp, experiment=DXMI)
     hp, data_cfg = cfg.method, cfg.dataset
     torch.manual_seed(cfg.seed)
     data = instantiate(data_cfg)
     data.setup("fit")
     x, n, batch = data.train, data.train.shape[0], data_cfg.batch_size
-    chain, value = method.chain, method.value
+    chain, value, energy = method.chain, method.value, method.energy
     opts = {
         "sampler": torch.optim.Adam(chain.eps_net.parameters(), lr=hp.lr.sampler),
         "sigma": torch.optim.Adam([chain.log_sigma], lr=hp.lr.sigma),
         "value": torch.optim.Adam(value.parameters(), lr=hp.lr.value),
+        "energy": torch.optim.Adam(energy.parameters(), lr=hp.lr.energy),
     }
     base = {k: o.param_groups[0]["lr"] for k, o in opts.items()}
     s2 = chain.fixed_sigma.square().clone()
     K, D, tau, total = chain.steps, 2, hp.tau, iters
     g = torch.Generator().manual_seed(data_cfg.seed)
 
-    def V(z: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        return value(z, k).view(-1)
+    def V(z: torch.Tensor, k: torch.Tensor) -> torch.Tensor:  # V_0 = the energy network
+        last = k == 0
+        if bool(last.all()):
+            return energy(z).view(-1)
+        if not bool(last.any()):
+            return value(z, k - 1).view(-1)
+        i0, i1 = last.nonzero().view(-1), (~last).nonzero().view(-1)
+        vals = torch.cat([energy(z[i0]).view(-1), value(z[i1], k[i1] - 1).view(-1)])
+        return vals[torch.argsort(torch.cat([i0, i1]))]
 
     def step(names: tuple[str, ...], loss: torch.Tensor) -> None:
         for name in names:
@@ -454,7 +462,9 @@ def bare_dxmi_ms(tmp: Path, iters: int) -> float:
             for name, o in opts.items():
                 o.param_groups[0]["lr"] = base[name] * f
             real = x[perm[i : i + batch]]
-            traj = chain.sample(hp.rollout_batch, generator=g, return_trajectory=True)
+            traj = chain.sample(
+                hp.rollout_batch, generator=g, return_trajectory=True, return_noise=True
+            )
             x_k, x_prev, k = traj.transitions()
             sq = (x_k - x_prev).square().sum(1)
             with torch.no_grad():
@@ -462,9 +472,10 @@ def bare_dxmi_ms(tmp: Path, iters: int) -> float:
             zero = torch.zeros(batch, dtype=torch.long)
             e_r, e_f = V(real, zero[: real.shape[0]]), V(traj.sample, zero)
             loss = e_r.mean() - e_f.mean() + (e_r.square().mean() + e_f.square().mean())
-            step(("value",), loss)
+            step(("energy",), loss)
             with torch.no_grad():
-                cost = tau * chain.log_prob(x_prev, x_k, k) + tau * sq / (2 * s2[k])
+                log_pi = chain.log_prob_of_noise(traj.transition_noise(), k)
+                cost = tau * log_pi + tau * sq / (2 * s2[k])
                 target = V(x_prev, k - 1) + cost
             step(("value",), (target - V(x_k, k)).square().mean())
             idx = torch.randperm(x_k.shape[0], generator=g)[: hp.sampler_batch]

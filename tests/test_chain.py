@@ -147,3 +147,15 @@ def test_evaluation_samples_in_eval_mode_and_restores_the_mode():
     chain = Recorder().train()
     Evaluator(dm, ["sw"], n=100, draws=2).evaluate(chain)
     assert chain.modes == [False, False] and chain.training
+
+
+def test_log_prob_of_the_rollout_noise_equals_log_prob():
+    torch.manual_seed(0)
+    net = TimeMLP(dim=2, n_steps=10, width=16, depth=1)
+    chain = GaussianChain(net, subsample(beta_schedule("linear", 10), 10), (2,), learn_sigma=True)
+    traj = chain.sample(50, return_trajectory=True, return_noise=True)
+    x_k, x_prev, k = traj.transitions()
+    with torch.no_grad():
+        expected = chain.log_prob(x_prev, x_k, k)
+        got = chain.log_prob_of_noise(traj.transition_noise(), k)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)

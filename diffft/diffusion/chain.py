@@ -36,6 +36,8 @@ class Trajectory:
     """A rolled-out chain: ``states[k]`` is ``x_k`` (``states[0]`` sample, ``states[K]`` noise)."""
 
     states: torch.Tensor  # [K+1, n, *event_shape]
+    # noise[k-1]: the standard normal draw of step k (x_{k-1} = mu(x_k) + sigma_k * noise[k-1])
+    noise: torch.Tensor | None = None  # [K, n, *event_shape], with return_noise=True
 
     @property
     def sample(self) -> torch.Tensor:
@@ -52,6 +54,12 @@ class Trajectory:
         x_prev = self.states[:-1].reshape(K * n, *self.states.shape[2:])
         k = torch.arange(1, K + 1, device=self.states.device).repeat_interleave(n)
         return x_k, x_prev, k
+
+    def transition_noise(self) -> torch.Tensor:
+        """The noise of every transition, in the order of ``transitions()``."""
+        if self.noise is None:
+            raise ValueError("this trajectory was sampled without return_noise=True")
+        return self.noise.reshape(-1, *self.noise.shape[2:])
 
 
 def _coefficients(
@@ -162,6 +170,14 @@ class GaussianChain(nn.Module):
         """Reparameterised transition ``x_{k-1} = mu(x_k, k) + sigma_k * noise``."""
         return self.mean(x_k, k) + self.sigma(k) * noise
 
+    def log_prob_of_noise(self, noise: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """``log p(x_{k-1} | x_k)`` of a transition drawn with ``noise`` (``x_{k-1} = mu +
+        sigma_k noise``): the same value as ``log_prob`` without evaluating the eps-network."""
+        if self.zero_sigma_steps:
+            self.require_density("log_prob")
+        per_dim = -0.5 * noise**2 - self.sigma(k).log() - 0.5 * _LOG_2PI
+        return per_dim.flatten(1).sum(1)
+
     def log_prob(self, x_prev: torch.Tensor, x_k: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """log p(x_{k-1} | x_k), summed over dimensions: shape ``[n]``."""
         if self.zero_sigma_steps:
@@ -181,6 +197,7 @@ class GaussianChain(nn.Module):
         x_K: torch.Tensor | None = None,
         batch_size: int | None = None,
         guide: Callable[[torch.Tensor, int], torch.Tensor] | None = None,
+        return_noise: bool = False,
     ) -> torch.Tensor | Trajectory:
         """Run the chain from ``x_K ~ N(0, I)`` to ``x_0`` (the ``Sampler`` protocol).
 
@@ -188,7 +205,7 @@ class GaussianChain(nn.Module):
         trajectory can be reused to compute gradients). ``grad=True`` keeps the graph through
         every step (pathwise / BPTT gradients). ``batch_size`` bounds the memory of a large
         ``n`` (samples only). ``guide(x_{k-1}, k - 1)`` returns a corrected state after each step
-        (DxMI's value guidance).
+        (DxMI's value guidance). ``return_noise`` keeps each step's noise in the trajectory.
         """
         if batch_size and batch_size < n and not return_trajectory and x_K is None:
             draw = lambda m: self.sample(m, generator, grad=grad, guide=guide)  # noqa: E731
@@ -197,14 +214,16 @@ class GaussianChain(nn.Module):
         shape = (n, *self.event_shape)
         with torch.set_grad_enabled(grad):
             x = torch.randn(shape, generator=generator, device=device) if x_K is None else x_K
-            states = [x]
+            states, noises = [x], []
             for k in range(self.steps, 0, -1):
                 kk = torch.full((n,), k, dtype=torch.long, device=device)
                 noise = torch.randn(shape, generator=generator, device=device)
+                noises.append(noise)
                 x = self.step(x, kk, noise)
                 if guide is not None:
                     x = guide(x, k - 1)
                 states.append(x)
         if not return_trajectory:
             return x
-        return Trajectory(torch.stack(states[::-1]))
+        noise = torch.stack(noises[::-1]) if return_noise else None
+        return Trajectory(torch.stack(states[::-1]), noise)

@@ -331,14 +331,17 @@ class DxMI(FineTuneMethod):
         opts = self._optimizers()
         self._set_learning_rates(opts)
         g = self.batch_generator()  # this rank's stream of this batch: rollout, picks, noise
-        traj = self.chain.sample(hp.rollout_batch, generator=g, return_trajectory=True)
+        traj = self.chain.sample(
+            hp.rollout_batch, generator=g, return_trajectory=True, return_noise=True
+        )
         x_k, x_prev, k = traj.transitions()  # k = 1..K, blocks of rollout_batch
         sq_step = (x_k - x_prev).flatten(1).square().sum(1)  # ||x_k - x_{k-1}||^2
         self.avr_step(sq_step)
         logs: dict[str, torch.Tensor] = {}
         if self.learns_energy:
             logs |= self.energy_step(real, traj.sample, opts.get("energy", opts["value"]))
-        logs |= self.value_step(x_k, x_prev, k, sq_step, opts["value"])
+        noise = traj.transition_noise()
+        logs |= self.value_step(x_k, x_prev, k, sq_step, noise, opts["value"])
         logs |= self.sampler_step(x_k, k, [opts["sampler"], opts["sigma"]], g)
         self.iteration += 1
         self.update_ema()
@@ -365,14 +368,14 @@ class DxMI(FineTuneMethod):
                 "energy/samples": e_fake.detach().mean()}  # fmt: skip
 
     def transition_cost(
-        self, x_k: torch.Tensor, x_prev: torch.Tensor, k: torch.Tensor, sq_step: torch.Tensor
+        self, k: torch.Tensor, sq_step: torch.Tensor, noise: torch.Tensor
     ) -> torch.Tensor:
-        """The cost of each transition in the TD target: the running costs (Alg. 1) or the
-        time cost R(k) (Alg. 2)."""
+        """The cost of each transition in the TD target: the running costs (Alg. 1; log pi from
+        the rollout's own noise, no second eps-network pass) or the time cost R(k) (Alg. 2)."""
         if self.time_costs is not None:
             return self.time_costs[k]
         with torch.no_grad():
-            log_prob = self.chain.log_prob(x_prev, x_k, k)
+            log_prob = self.chain.log_prob_of_noise(noise, k)
         D = math.prod(self.chain.event_shape)
         reduction = self.hparams.running_cost_reduction
         s2 = self.avr_s2[k]
@@ -384,10 +387,11 @@ class DxMI(FineTuneMethod):
         x_prev: torch.Tensor,
         k: torch.Tensor,
         sq_step: torch.Tensor,
+        noise: torch.Tensor,
         opt: Any,
     ) -> dict:
         """TD (Eq. 10 / 12) over every transition of the rollout."""
-        cost = self.transition_cost(x_k, x_prev, k, sq_step)
+        cost = self.transition_cost(k, sq_step, noise)
         if self.hparams.td_update == "joint":
             blocks = [slice(None)]
         else:  # k = 1, ..., K: the paper's t = T-1, ..., 0
