@@ -33,7 +33,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from diffft.callbacks.checkpoint import Interrupted, LastCheckpoint
 from diffft.callbacks.evaluation import PeriodicEvaluation
 from diffft.diffusion.sampler import SOLVERS, Sampler
-from diffft.evaluation import Evaluator, format_table
+from diffft.evaluation import METRICS, Evaluator, format_table
 from diffft.media import finish, log_config, log_image
 from diffft.methods.base import NonFiniteLossError, load_method
 from diffft.plots import scatter_samples
@@ -87,7 +87,14 @@ def build_trainer(cfg: DictConfig, evaluator: Evaluator) -> L.Trainer:
                 plot_dir=out / "plots" if cfg.eval.get("periodic_plots") else None,
             )
         )
-    callbacks += [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
+    for c in (cfg.get("callbacks") or {}).values():
+        if not c:
+            continue
+        if c.get("monitor") and str(c.get("_target_", "")).endswith("ModelCheckpoint"):
+            # best.ckpt keeps the best value of the monitored metric: highest for an AUC
+            metric = METRICS.get(str(cfg.eval.get("monitor")))
+            c = OmegaConf.merge(c, {"mode": metric.better if metric else c.get("mode", "min")})
+        callbacks.append(instantiate(c))
     # last.ckpt = the end of training (and of a Ctrl-C), whatever the checkpoint intervals say.
     callbacks.append(LastCheckpoint(out / "checkpoints"))
     if cfg.trainer.get("enable_progress_bar", True):

@@ -425,11 +425,16 @@ def bare_dxmi_ms(tmp: Path, iters: int) -> float:
     data.setup("fit")
     x, n, batch = data.train, data.train.shape[0], data_cfg.batch_size
     chain, value, energy = method.chain, method.value, method.energy
+    foreach = bool(hp.optimizer.get("foreach", False))  # the same Adam as the method's
+
+    def adam(params: Any, lr: float) -> torch.optim.Adam:
+        return torch.optim.Adam(params, lr=lr, foreach=foreach)
+
     opts = {
-        "sampler": torch.optim.Adam(chain.eps_net.parameters(), lr=hp.lr.sampler),
-        "sigma": torch.optim.Adam([chain.log_sigma], lr=hp.lr.sigma),
-        "value": torch.optim.Adam(value.parameters(), lr=hp.lr.value),
-        "energy": torch.optim.Adam(energy.parameters(), lr=hp.lr.energy),
+        "sampler": adam(chain.eps_net.parameters(), hp.lr.sampler),
+        "sigma": adam([chain.log_sigma], hp.lr.sigma),
+        "value": adam(value.parameters(), hp.lr.value),
+        "energy": adam(energy.parameters(), hp.lr.energy),
     }
     base = {k: o.param_groups[0]["lr"] for k, o in opts.items()}
     s2 = chain.fixed_sigma.square().clone()

@@ -59,8 +59,8 @@ def _fit(method: L.LightningModule, batches: int, epochs: int) -> None:
     trainer.fit(method, loader)
 
 
-@pytest.mark.parametrize("tau", [0.0, 0.5])
-def test_td_learns_the_closed_form_cost_to_go_of_a_linear_gaussian_chain(tau):
+@pytest.mark.parametrize("tau,td_update", [(0.0, "joint"), (0.5, "per_step")])
+def test_td_learns_the_closed_form_cost_to_go_of_a_linear_gaussian_chain(tau, td_update):
     """A frozen chain x_{k-1} = c_k x_k + sigma_k noise (eps-net output 0), terminal cost
     ||x_0||^2 and fixed s_k: V_k(x) = A_k ||x||^2 + B_k with
     A_k = c_k^2 A_{k-1} + tau (1 - c_k)^2 / (2 s_k^2),
@@ -78,7 +78,7 @@ def test_td_learns_the_closed_form_cost_to_go_of_a_linear_gaussian_chain(tau):
         lr_schedule="cosine",  # to 0: the TD noise averages out
         avr_alpha=1.0,  # s_k fixed at sigma_k
         rollout_batch=256,
-        td_update="per_step",
+        td_update=td_update,
     )
     head = method.chain.eps_net.head
     nn.init.zeros_(head.weight)
@@ -210,3 +210,60 @@ def test_bad_dxmi_keys_name_the_key():
         DxMI(**{**kwargs, "value": {"_target_": "diffft.nets.mlp.TimeMLP"}}, time_cost="cubic")
     with pytest.raises(ValueError, match="method.reward._target_='no_such.cost'"):
         DxMI(**kwargs, reward={"_target_": "no_such.cost"})
+
+
+def _small(**kw):
+    L.seed_everything(0, verbose=False)
+    base = {
+        "dim": 2,
+        "sampler": {"steps": 3},
+        "value": {"_target_": "tests.test_dxmi.QuadraticValue"},
+        "ddpm": DDPM_T3,
+    }
+    return DxMI(**{**base, **kw})
+
+
+def test_value_guidance_descends_the_value_of_the_step_just_reached():
+    method = _small(energy={"_target_": "diffft.nets.mlp.MLP", "width": 8, "depth": 1})
+    with torch.no_grad():
+        method.value.a.copy_(torch.tensor([0.5, 1.0, 2.0]))  # V_1, V_2, V_3
+    assert not any("guidance" in name for name in method.samplers())  # none by default
+    method.hparams.guidance = [0.3]
+    guided = method.samplers()["DxMI T=3 + value guidance λ=0.3"]
+    x = torch.randn(5, 2)
+    out = guided.guide(x, 2)  # after the step out of x_3: x_2 - lambda sigma_3 grad V_2(x_2)
+    sigma_3 = method.chain.sigma(torch.full((5,), 3)).detach()
+    torch.testing.assert_close(out, x - 0.3 * sigma_3 * 2 * 1.0 * x)
+
+
+def test_sampler_step_with_entropy_raises_sigma_and_value_fn_keeps_the_row_order():
+    # A flat value: only the entropy term -tau1 D log sigma acts on sigma (tau2 = 0).
+    method = _small(
+        energy={"_target_": "diffft.nets.mlp.MLP", "width": 8, "depth": 1},
+        tau1=0.5,
+        tau2=0.0,
+        lr={"sampler": 0.0, "sigma": 0.05, "value": 0.0, "energy": 0.0},
+        lr_schedule="constant",
+        avr_alpha=1.0,
+    )
+    for p in method.energy.parameters():
+        nn.init.zeros_(p)
+    before = method.chain.log_sigma.detach().clone()
+    _fit(method, batches=5, epochs=2)
+    assert torch.all(method.chain.log_sigma[1:] > before[1:])
+    # V_k over a batch of mixed steps equals each point's own V_k (V_0 = the energy).
+    x, k = torch.randn(6, 2), torch.tensor([0, 2, 1, 0, 3, 1])
+    with torch.no_grad():
+        mixed = method.value_fn(x, k)
+        one = torch.cat([method.value_fn(x[i : i + 1], k[i : i + 1]) for i in range(6)])
+    torch.testing.assert_close(mixed, one)
+
+
+def test_a_shared_energy_is_the_values_step_zero():
+    method = _small(value={"_target_": "diffft.nets.mlp.TimeMLP", "width": 8, "depth": 1,
+                           "out_dim": 1})  # fmt: skip
+    assert method.energy is None and method.value.n_steps == 4  # V_0 .. V_3
+    x = torch.randn(4, 2)
+    with torch.no_grad():
+        zero = torch.zeros(4, dtype=torch.long)
+        torch.testing.assert_close(method.energy_fn(x), method.value(x, zero).view(-1))

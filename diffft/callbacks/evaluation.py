@@ -55,11 +55,13 @@ class PeriodicEvaluation(L.Callback):
             # Rank 0 samples and scores; the others wait in the broadcast and log the same
             # values (checkpoint monitoring runs on every rank).
             energy = next(iter(pl_module.energies().values()), None)  # the run's own energy
-            values = (
-                self.evaluator.evaluate(pl_module.eval_chain, energy=energy)
-                if trainer.is_global_zero
-                else {}
-            )
+            values = {}
+            if trainer.is_global_zero:
+                pl_module.eval()  # the energy / value nets too, not only the sampler
+                try:
+                    values = self.evaluator.evaluate(pl_module.eval_chain, energy=energy)
+                finally:
+                    pl_module.train()
             values = trainer.strategy.broadcast(values, src=0)
             logs = {f"eval/{k}": v[0] for k, v in values.items() if v}
             # For the progress bar and checkpoint monitoring only: Lightning would write these to

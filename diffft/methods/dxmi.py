@@ -90,7 +90,8 @@ def build_reward(cfg: dict[str, Any]) -> Callable[[torch.Tensor], torch.Tensor]:
             f"method.reward._target_='{cfg['_target_']}' cannot be imported: {err}"
         ) from None
     if isinstance(target, type):
-        return instantiate(cfg)
+        module = instantiate(cfg)
+        return module.requires_grad_(False) if isinstance(module, nn.Module) else module
     return instantiate(cfg, _partial_=True)
 
 
