@@ -27,12 +27,7 @@ def scatter_samples(
         ax.set_xlim(lo[0].item(), hi[0].item())
         ax.set_ylim(lo[1].item(), hi[1].item())
         ax.set_aspect("equal")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def _grid(data: torch.Tensor, n: int = 200) -> tuple[torch.Tensor, tuple[float, ...]]:

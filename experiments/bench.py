@@ -84,8 +84,7 @@ def diffft_step_ms(tmp: Path, steps: int, progress_bar: bool = False) -> float:
         f"trainer.enable_progress_bar={str(progress_bar).lower()}",
         "eval.every_n_batches=0",
         "~logger",
-        "~callbacks.model_checkpoint",
-        "+trainer.enable_checkpointing=false",  # else Lightning adds a per-epoch default one
+        "callbacks.model_checkpoint=null",  # (diffft's LastCheckpoint writes once, at the end)
     )
     torch.set_num_threads(cfg.threads)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -297,21 +296,22 @@ def sft_pg_method(
     return cfg, instantiate(method_cfg, _recursive_=False, _convert_="all")
 
 
-def diffft_sft_pg_ms(tmp: Path, iters: int) -> float:
-    """ms per critic iteration (one Lightning batch) of ``SFTPG`` under diffft's trainer."""
+def diffft_sft_pg_ms(tmp: Path, iters: int, experiment: str | None = None) -> float:
+    """ms per iteration (one Lightning batch) of a fine-tuning method (SFT-PG's critic
+    iteration by default) under diffft's trainer."""
     cfg, method = sft_pg_method(
         tmp,
         "trainer.enable_progress_bar=false",
         "eval.every_n_batches=0",
         "~logger",
-        "~callbacks.model_checkpoint",
-        "+trainer.enable_checkpointing=false",
+        "callbacks.model_checkpoint=null",
+        experiment=experiment,
     )
     torch.set_num_threads(cfg.threads)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = instantiate(cfg.dataset)
     datamodule.setup("fit")
-    trainer = dtrain.build_trainer(cfg, Evaluator(datamodule, ["sw_paper"]))
+    trainer = dtrain.build_trainer(cfg, Evaluator(datamodule, [cfg.eval.metrics[0]]))
     timer = StepTimer(stop_after=iters)
     trainer.callbacks.append(timer)
     trainer.fit(method, datamodule)
@@ -369,13 +369,24 @@ def bare_sft_pg_ms(tmp: Path, iters: int) -> float:
     return (time.perf_counter() - t0) * 1e3 / iters
 
 
-def bench_sft_pg_step(tmp: Path, iters: int, repeats: int) -> list[str]:
+def interleaved(
+    bare_fn: Callable[[], float], ours_fn: Callable[[], float], repeats: int
+) -> tuple[dict[str, list[float]], float, float, str]:
+    """``repeats`` alternating runs of a bare loop and diffft: the runs, both medians and the
+    per-repeat ratios."""
     runs: dict[str, list[float]] = {"bare": [], "diffft": []}
     for _ in range(repeats):
-        runs["bare"].append(bare_sft_pg_ms(tmp, iters))
-        runs["diffft"].append(diffft_sft_pg_ms(tmp, iters))
+        runs["bare"].append(bare_fn())
+        runs["diffft"].append(ours_fn())
     bare, ours = statistics.median(runs["bare"]), statistics.median(runs["diffft"])
     each = " ".join(f"{b / d:.2f}" for b, d in zip(runs["bare"], runs["diffft"], strict=True))
+    return runs, bare, ours, each
+
+
+def bench_sft_pg_step(tmp: Path, iters: int, repeats: int) -> list[str]:
+    runs, bare, ours, each = interleaved(
+        lambda: bare_sft_pg_ms(tmp, iters), lambda: diffft_sft_pg_ms(tmp, iters), repeats
+    )
     return [
         f"SFT-PG critic iteration (experiment={SFT_PAPER}, {iters} iterations x {repeats} "
         "interleaved repeats, median):",
@@ -391,27 +402,6 @@ def bench_sft_pg_step(tmp: Path, iters: int, repeats: int) -> list[str]:
 
 
 DXMI = "eight_gaussians_dxmi"
-
-
-def diffft_dxmi_ms(tmp: Path, iters: int) -> float:
-    """ms per DxMI iteration (one Lightning batch) under diffft's trainer."""
-    cfg, method = sft_pg_method(
-        tmp,
-        "trainer.enable_progress_bar=false",
-        "eval.every_n_batches=0",
-        "~logger",
-        "callbacks.model_checkpoint=null",
-        experiment=DXMI,
-    )
-    torch.set_num_threads(cfg.threads)
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
-    datamodule = instantiate(cfg.dataset)
-    datamodule.setup("fit")
-    trainer = dtrain.build_trainer(cfg, Evaluator(datamodule, ["sw"]))
-    timer = StepTimer(stop_after=iters)
-    trainer.callbacks.append(timer)
-    trainer.fit(method, datamodule)
-    return timer.ms_per_step
 
 
 def bare_dxmi_ms(tmp: Path, iters: int) -> float:
@@ -496,12 +486,9 @@ def bare_dxmi_ms(tmp: Path, iters: int) -> float:
 
 
 def bench_dxmi_step(tmp: Path, iters: int, repeats: int) -> list[str]:
-    runs: dict[str, list[float]] = {"bare": [], "diffft": []}
-    for _ in range(repeats):
-        runs["bare"].append(bare_dxmi_ms(tmp, iters))
-        runs["diffft"].append(diffft_dxmi_ms(tmp, iters))
-    bare, ours = statistics.median(runs["bare"]), statistics.median(runs["diffft"])
-    each = " ".join(f"{b / d:.2f}" for b, d in zip(runs["bare"], runs["diffft"], strict=True))
+    runs, bare, ours, each = interleaved(
+        lambda: bare_dxmi_ms(tmp, iters), lambda: diffft_sft_pg_ms(tmp, iters, DXMI), repeats
+    )
     return [
         f"DxMI iteration (experiment={DXMI}, {iters} iterations x {repeats} interleaved "
         "repeats, median):",
