@@ -149,18 +149,18 @@ def test_energy_is_low_on_data_and_value_guidance_lowers_it(make_cfg, tmp_path):
         "experiment=eight_gaussians_dxmi",
         "debug=fast",
         "trainer.max_steps=-1",
-        "trainer.max_epochs=30",
-        "dataset.n_train=3200",  # 50 batches of 64: 1500 iterations
+        "trainer.max_epochs=20",
+        "dataset.n_train=3200",  # 50 batches of 64: 1000 iterations
         "eval.every_n_batches=0",
         # A T = 5 DDPM of 2000 steps to start from (debug=fast's would be 3 steps)
         "pretrain.debug=null",
         'pretrain.overrides=["experiment=eight_gaussians_ddpm","method.schedule.steps=5",'
-        '"trainer.max_steps=2000","eval.every_n_batches=0","eval.n=300","eval.draws=1",'
+        '"trainer.max_steps=1000","eval.every_n_batches=0","eval.n=300","eval.draws=1",'
         '"callbacks.model_checkpoint.monitor=null"]',
         "eval.compare=null",
         "eval.solvers=null",
         "eval.metrics=[sw,auc]",
-        "eval.n=2000",
+        "eval.n=1000",
         "method.guidance=[0.5]",
         "method.lr_schedule=constant",  # a short run: cosine would stop it in its early phase
     )
