@@ -19,6 +19,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -33,8 +34,8 @@ Energy = Callable[[torch.Tensor], torch.Tensor]
 @dataclass(frozen=True)
 class Metric:
     """``scores: samples``: ``fn(samples, reference split, draw seed)``; ``scores: energy``: the
-    metric scores a method's energy (``fn(energy, reference split, draw, evaluator)``), and rows
-    without an energy (a DDPM, a solver) have no value."""
+    metric scores a method's energy (``fn(energy, reference split, draw, evaluator, device)``),
+    and rows without an energy (a DDPM, a solver) have no value."""
 
     fn: Callable[..., float]
     reference: str  # "train" or "test": the real split the samples are compared with
@@ -44,9 +45,9 @@ class Metric:
     better: str = "min"  # the direction a checkpoint monitor on it selects
 
 
-def _auc(energy: Energy, test: torch.Tensor, draw: int, ev: Evaluator) -> float:
+def _auc(energy: Energy, test: torch.Tensor, draw: int, ev: Evaluator, device: Any) -> float:
     lo, hi = ev.auc_box()
-    return energy_auc(energy, test, uniform_box(test.shape[0], lo, hi, draw), ev.energy_device)
+    return energy_auc(energy, test, uniform_box(test.shape[0], lo, hi, draw), device)
 
 
 def _sw(n_projections: int) -> Callable[..., float]:
@@ -108,7 +109,6 @@ class Evaluator:
     ) -> None:
         check_metrics(list(metrics))
         self.box = auc_box
-        self.energy_device: torch.device | str = "cpu"
         self.dm, self.metrics, self.n, self.draws = datamodule, list(metrics), n, draws
         self.floor_draws = floor_draws or draws
         self.seed, self.w2_points = seed, w2_points
@@ -127,11 +127,12 @@ class Evaluator:
             return torch.full((dim,), float(self.box[0])), torch.full((dim,), float(self.box[1]))
         return self.dm.train.min(0).values.float(), self.dm.train.max(0).values.float()
 
-    def _score(self, name: str, x: torch.Tensor | Energy, draw: int) -> float:
+    def _score(self, name: str, x: torch.Tensor | Energy, draw: int, device: Any = "cpu") -> float:
+        """``x``: samples, or for an energy metric the energy (evaluated on ``device``)."""
         metric = METRICS[name]
         ref = self.dm.train if metric.reference == "train" else self.dm.test
         if metric.scores == "energy":
-            return metric.scale * metric.fn(x, ref[: self.n], draw, self)
+            return metric.scale * metric.fn(x, ref[: self.n], draw, self, device)
         m = self._points(name)
         if m < ref.shape[0] and name == "w2":
             ref = ref[torch.randperm(ref.shape[0], generator=torch.Generator().manual_seed(draw))]
@@ -150,7 +151,6 @@ class Evaluator:
         """Metric values per draw for samples of ``sampler`` (drawn in eval mode); energy
         metrics score ``energy`` (none without one: their lists stay empty)."""
         out: dict[str, list[float]] = {m: [] for m in self.metrics}
-        self.energy_device = sampler.device
         module = sampler if isinstance(sampler, torch.nn.Module) else None
         training = module.training if module is not None else False
         if module is not None:
@@ -162,7 +162,7 @@ class Evaluator:
                 for name in self.metrics:
                     if METRICS[name].scores == "energy":
                         if energy is not None:
-                            out[name].append(self._score(name, energy, d))
+                            out[name].append(self._score(name, energy, d, sampler.device))
                     else:
                         out[name].append(self._score(name, x, d))
         finally:
@@ -192,8 +192,7 @@ class Evaluator:
 
     def _floor_values(self, name: str) -> list[float]:
         reference = METRICS[name].reference
-        if METRICS[name].scores == "energy":  # an energy that knows only a real sample
-            self.energy_device = "cpu"
+        if METRICS[name].scores == "energy":  # an energy that knows only a real sample (CPU)
             draws = range(min(self.floor_draws, AUC_FLOOR_DRAWS))
             fresh = lambda d: self.dm.fresh(min(self.n, AUC_FLOOR_POINTS), d, reference)  # noqa: E731
             return [self._score(name, kde_energy(fresh(d)), d) for d in draws]

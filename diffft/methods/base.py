@@ -179,13 +179,21 @@ class FineTuneMethod(SamplerMethod):
             self.hparams["ddpm"] = dict(ddpm.hparams)
             self.init_data = ddpm.data_identity
         else:  # rebuilt from this method's own checkpoint: weights come from its state_dict
-            known = inspect.signature(DDPM.__init__).parameters  # keys of older versions drop
-            ddpm = DDPM(**{k: v for k, v in ddpm_hparams.items() if k in known})
+            ddpm = self.ddpm_from_hparams(ddpm_hparams)
         steps, kind = sampler.pop("steps"), sampler.pop("subsample", "none")
         self.chain = ddpm.short_chain(steps, kind, **sampler)
         self.init_chain = copy.deepcopy(self.chain).requires_grad_(False)
         self.register_buffer("iteration", torch.zeros((), dtype=torch.long))
         return self.chain
+
+    @staticmethod
+    def ddpm_from_hparams(hparams: dict[str, Any]) -> Any:
+        """A ``DDPM`` with fresh weights from saved hyper-parameters (keys that are no longer
+        arguments, from older versions, are dropped)."""
+        from diffft.methods.ddpm import DDPM
+
+        known = inspect.signature(DDPM.__init__).parameters
+        return DDPM(**{k: v for k, v in hparams.items() if k in known})
 
     @staticmethod
     def chunks(n: int, size: int | None) -> list[slice]:

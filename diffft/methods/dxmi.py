@@ -173,7 +173,7 @@ class DxMI(FineTuneMethod):
         self.tau2 = tau if tau2 is None else tau2
         chain = self.build_chain(dim, init_from, ddpm, dict(sampler), learn_sigma=True)
         if fresh_sampler and ddpm is None:  # random weights, same architecture and schedule
-            fresh = type(self)._fresh_eps_net(self.hparams["ddpm"])
+            fresh = self.ddpm_from_hparams(self.hparams["ddpm"]).chain.eps_net
             chain.eps_net.load_state_dict(fresh.state_dict())
             self.init_chain.eps_net.load_state_dict(fresh.state_dict())
         K = chain.steps
@@ -204,15 +204,6 @@ class DxMI(FineTuneMethod):
         s2[0] = 1.0
         self.register_buffer("avr_s2", s2)
         self.init_ema(ema_decay)
-
-    @staticmethod
-    def _fresh_eps_net(ddpm_hparams: dict[str, Any]) -> nn.Module:
-        import inspect
-
-        from diffft.methods.ddpm import DDPM
-
-        known = inspect.signature(DDPM.__init__).parameters
-        return DDPM(**{k: v for k, v in ddpm_hparams.items() if k in known}).chain.eps_net
 
     # -- energy and value ---------------------------------------------------------------------
     @property
