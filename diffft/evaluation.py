@@ -47,7 +47,8 @@ class Metric:
 
 def _auc(energy: Energy, test: torch.Tensor, draw: int, ev: Evaluator, device: Any) -> float:
     lo, hi = ev.auc_box()
-    return energy_auc(energy, test, uniform_box(test.shape[0], lo, hi, draw), device)
+    noise = uniform_box(test.shape[0], lo, hi, draw).view(-1, *test.shape[1:])
+    return energy_auc(energy, test, noise, device)
 
 
 def _sw(n_projections: int) -> Callable[..., float]:
@@ -123,9 +124,10 @@ class Evaluator:
         if self.box is not None:
             if len(self.box) != 2 or not self.box[0] < self.box[1]:
                 raise ValueError(f"eval.auc_box={list(self.box)}; expected [lo, hi] with lo < hi")
-            dim = self.dm.train.shape[1]
+            dim = self.dm.train[0].numel()
             return torch.full((dim,), float(self.box[0])), torch.full((dim,), float(self.box[1]))
-        return self.dm.train.min(0).values.float(), self.dm.train.max(0).values.float()
+        flat = self.dm.train.flatten(1)
+        return flat.min(0).values.float(), flat.max(0).values.float()
 
     def _score(self, name: str, x: torch.Tensor | Energy, draw: int, device: Any = "cpu") -> float:
         """``x``: samples, or for an energy metric the energy (evaluated on ``device``)."""
@@ -137,11 +139,12 @@ class Evaluator:
         if m < ref.shape[0] and name == "w2":
             ref = ref[torch.randperm(ref.shape[0], generator=torch.Generator().manual_seed(draw))]
             ref = ref[:m]
-        return metric.scale * metric.fn(x[:m].detach().cpu(), ref, draw)
+        # the OT metrics compare flattened samples (D = prod(event_shape) values each)
+        return metric.scale * metric.fn(x[:m].detach().cpu().flatten(1), ref.flatten(1), draw)
 
     def score(self, x: torch.Tensor, draw: int = 0) -> dict[str, float]:
-        """Every metric of the points ``x`` [n, D] against its reference split (draw ``draw``'s
-        projections / W2 subset)."""
+        """Every metric of the samples ``x`` [n, *event_shape] against its reference split
+        (draw ``draw``'s projections / W2 subset)."""
         return {name: self._score(name, x, draw) for name in self.metrics}
 
     @torch.no_grad()

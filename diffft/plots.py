@@ -1,4 +1,4 @@
-"""Sample plots: scatter of each sampler's samples over the data (2-D)."""
+"""Sample plots: scatter of each sampler's samples over the data (2-D), image grids."""
 
 from __future__ import annotations
 
@@ -100,3 +100,45 @@ def _save(fig, path: str | Path) -> Path:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def tile(images: torch.Tensor, cols: int = 8, pad: int = 1) -> torch.Tensor:
+    """``[n, C, H, W]`` images in [-1, 1] tiled into one ``[rows*(H+pad), cols*(W+pad), C]``
+    array in [0, 1] (light padding)."""
+    x = ((images.detach().float().cpu().clamp(-1, 1) + 1) / 2)[
+        : cols * max(1, -(-len(images) // cols))
+    ]
+    n, c, h, w = x.shape
+    rows = -(-n // cols)
+    out = torch.ones(rows * (h + pad), cols * (w + pad), c)
+    for i in range(n):
+        r, q = divmod(i, cols)
+        out[r * (h + pad) : r * (h + pad) + h, q * (w + pad) : q * (w + pad) + w] = x[i].permute(
+            1, 2, 0
+        )
+    return out
+
+
+def image_grids(samples: dict[str, torch.Tensor], path: str | Path, n: int = 64) -> Path:
+    """One panel per row: a grid of its first ``n`` images."""
+    k = len(samples)
+    fig, axes = plt.subplots(1, k, figsize=(3 * k, 3.3), squeeze=False)
+    for ax, (name, x) in zip(axes[0], samples.items(), strict=True):
+        grid = tile(x[:n])
+        ax.imshow(grid.squeeze(-1) if grid.shape[-1] == 1 else grid, cmap="gray", vmin=0, vmax=1)
+        ax.set_title(name, fontsize=8)
+        ax.axis("off")
+    return _save(fig, path)
+
+
+def trajectory_grid(states: torch.Tensor, path: str | Path, title: str = "") -> Path:
+    """One trajectory per row, ``x_K`` (noise) on the left to ``x_0`` on the right;
+    ``states`` is ``[K+1, n, C, H, W]`` with ``states[0]`` the sample."""
+    steps = states.shape[0]
+    rows = states.flip(0).transpose(0, 1).reshape(-1, *states.shape[2:])  # row i: x_K..x_0
+    grid = tile(rows, cols=steps)
+    fig, ax = plt.subplots(figsize=(0.5 * steps + 1, 0.5 * states.shape[1] + 0.6))
+    ax.imshow(grid.squeeze(-1) if grid.shape[-1] == 1 else grid, cmap="gray", vmin=0, vmax=1)
+    ax.set_title(title or f"trajectories: x_{steps - 1} (noise) to x_0", fontsize=8)
+    ax.axis("off")
+    return _save(fig, path)

@@ -137,13 +137,16 @@ def stage_config(run: DictConfig, overrides: list[str]) -> DictConfig:
 
 def resolve_dataset(dataset: dict[str, Any]) -> tuple[dict[str, Any], Any]:
     """A dataset config with what the data decide filled in (a points file's absolute path, so
-    every process names the same file; ``dim=null``: the data's own dimension), and its set-up
-    datamodule. ``diffft.train`` resolves the run's data with it before any stage starts."""
+    every process names the same file; ``event_shape`` and, for points, ``dim=null``: the data's
+    own), and its set-up datamodule. ``diffft.train`` resolves the run's data with it before any
+    stage starts."""
     if dataset.get("path"):
         dataset["path"] = str(Path(dataset["path"]).expanduser().resolve())
     dm = instantiate(dataset)
     dm.setup("fit")
-    dataset["dim"] = dm.dim
+    if "dim" in dataset:
+        dataset["dim"] = dm.dim
+    dataset["event_shape"] = list(dm.event_shape)
     return dataset, dm
 
 

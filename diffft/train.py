@@ -36,7 +36,6 @@ from diffft.diffusion.sampler import SOLVERS, Sampler
 from diffft.evaluation import METRICS, Evaluator, format_table
 from diffft.media import finish, log_config, log_image
 from diffft.methods.base import NonFiniteLossError, load_method
-from diffft.plots import scatter_samples
 from diffft.stages import (
     cached_stage,
     compare_stages,
@@ -53,14 +52,15 @@ log = logging.getLogger("diffft")
 
 
 def resolve_data(cfg: DictConfig) -> Any:
-    """Build the run's datamodule and write what the data decide back into ``cfg``: the
-    dimension (``dataset.dim=null`` takes a points file's column count) and the absolute path of
-    a points file, so the saved config and every stage name the same data from any directory."""
+    """Build the run's datamodule and write what the data decide back into ``cfg``: the shape of
+    one sample (``dataset.event_shape``, which the method is built for; ``dataset.dim=null``
+    takes a points file's column count) and the absolute path of a points file, so the saved
+    config and every stage name the same data from any directory."""
     resolved, datamodule = resolve_dataset(OmegaConf.to_container(cfg.dataset, resolve=True))
     with open_dict(cfg):
-        if resolved.get("path"):
-            cfg.dataset.path = resolved["path"]
-        cfg.dataset.dim = resolved["dim"]
+        for key in ("path", "dim", "event_shape"):
+            if resolved.get(key) is not None:
+                cfg.dataset[key] = resolved[key]
     return datamodule
 
 
@@ -269,7 +269,7 @@ def report(
             name: s.sample(5_000, generator=torch.Generator(s.device).manual_seed(cfg.eval.seed))
             for name, s in samplers.items()
         }
-    scatter_samples(shown, datamodule.train, out / "samples.png")
+    datamodule.plot(shown, out / "samples.png")
     log_image(loggers or [], "samples/final", out / "samples.png", step=method.batches_done)
     main = next(iter(shown.values()))
     for path in method.extra_plots(out, datamodule.train, main):  # e.g. DxMI's energy and values

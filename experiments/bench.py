@@ -111,7 +111,8 @@ def bare_step_ms(tmp: Path, steps: int) -> float:
     data.setup("fit")
     x, n, batch = data.train, data.train.shape[0], data_cfg.batch_size
     ab = alpha_bar(beta_schedule(**m.schedule)).float()
-    net = instantiate(cfg.backbone, dim=m.dim, n_steps=m.schedule.steps)  # diffft TimeMLP
+    shape = list(data.event_shape)
+    net = instantiate(cfg.backbone, event_shape=shape, n_steps=m.schedule.steps)  # diffft TimeMLP
     ema = copy.deepcopy(net).requires_grad_(False)
     params, ema_params = list(net.parameters()), list(ema.parameters())
     opt = instantiate(m.optimizer, params=params)

@@ -151,7 +151,7 @@ def test_evaluation_samples_in_eval_mode_and_restores_the_mode():
 
 def test_log_prob_of_the_rollout_noise_equals_log_prob():
     torch.manual_seed(0)
-    net = TimeMLP(dim=2, n_steps=10, width=16, depth=1)
+    net = TimeMLP(event_shape=[2], n_steps=10, width=16, depth=1)
     chain = GaussianChain(net, subsample(beta_schedule("linear", 10), 10), (2,), learn_sigma=True)
     traj = chain.sample(50, return_trajectory=True, return_noise=True)
     x_k, x_prev, k = traj.transitions()

@@ -19,7 +19,7 @@ from diffft.train import train
 
 DDPM_T3 = {
     "backbone": {"_target_": "diffft.nets.mlp.TimeMLP", "width": 16, "depth": 1},
-    "dim": 2,
+    "event_shape": [2],
     "schedule": {"name": "linear", "steps": 3, "beta_start": 0.1, "beta_end": 0.3},
     "optimizer": {"_target_": "torch.optim.Adam", "lr": 1e-3},
 }
@@ -37,7 +37,7 @@ def distance_to(x: torch.Tensor, target: tuple[float, float] = (1.0, -1.0)) -> t
 class QuadraticValue(nn.Module):
     """V_k(x) = a_k ||x||^2 + b_k: the exact form of a linear-Gaussian chain's cost-to-go."""
 
-    def __init__(self, dim: int, n_steps: int) -> None:
+    def __init__(self, event_shape: list[int], n_steps: int) -> None:
         super().__init__()
         self.a = nn.Parameter(torch.zeros(n_steps))
         self.b = nn.Parameter(torch.zeros(n_steps))
@@ -68,7 +68,7 @@ def test_td_learns_the_closed_form_cost_to_go_of_a_linear_gaussian_chain(tau, td
           + tau (D sigma_k^2 / (2 s_k^2) - D log sigma_k - D/2 log(2 pi e))."""
     L.seed_everything(0, verbose=False)
     method = DxMI(
-        dim=2,
+        event_shape=[2],
         sampler={"steps": 3},
         value={"_target_": "tests.test_dxmi.QuadraticValue"},
         reward={"_target_": "tests.test_dxmi.sq_norm"},
@@ -103,7 +103,7 @@ def test_td_learns_the_closed_form_cost_to_go_of_a_linear_gaussian_chain(tau, td
 def test_avr_converges_to_the_mean_squared_step_over_d():
     L.seed_everything(0, verbose=False)
     method = DxMI(
-        dim=2,
+        event_shape=[2],
         sampler={"steps": 3},
         value={"_target_": "diffft.nets.mlp.TimeMLP", "width": 8, "depth": 1, "out_dim": 1},
         reward={"_target_": "tests.test_dxmi.sq_norm"},
@@ -203,7 +203,8 @@ def test_energy_is_low_on_data_and_value_guidance_lowers_it(make_cfg, tmp_path):
 
 
 def test_bad_dxmi_keys_name_the_key():
-    kwargs = {"dim": 2, "sampler": {"steps": 3}, "ddpm": DDPM_T3, "value": {"_target_": "x"}}
+    kwargs = {"event_shape": [2], "sampler": {"steps": 3}, "ddpm": DDPM_T3}
+    kwargs["value"] = {"_target_": "x"}
     with pytest.raises(ValueError, match="method.running_cost_reduction"):
         DxMI(**kwargs, running_cost_reduction="avg")
     with pytest.raises(ValueError, match="method.time_cost"):
@@ -215,7 +216,7 @@ def test_bad_dxmi_keys_name_the_key():
 def _small(**kw):
     L.seed_everything(0, verbose=False)
     base = {
-        "dim": 2,
+        "event_shape": [2],
         "sampler": {"steps": 3},
         "value": {"_target_": "tests.test_dxmi.QuadraticValue"},
         "ddpm": DDPM_T3,

@@ -104,12 +104,12 @@ def test_generator_minibatches_are_full_when_steps_exceed_the_buffer():
 
     ddpm = {
         "backbone": {"_target_": "diffft.nets.mlp.TimeMLP", "width": 8, "depth": 1},
-        "dim": 2,
+        "event_shape": [2],
         "schedule": {"name": "sigmoid", "steps": 4, "beta_start": 1e-5, "beta_end": 1e-2},
         "optimizer": {"_target_": "torch.optim.Adam"},
     }
     method = SFTPG(
-        dim=2,
+        event_shape=[2],
         sampler={"steps": 4},
         critic={"_target_": "diffft.nets.mlp.MLP", "width": 8},
         baseline={"_target_": "diffft.nets.mlp.TimeMLP", "width": 8, "out_dim": 1},

@@ -31,7 +31,7 @@ def test_stage_config_takes_the_runs_data_and_keeps_its_own_explicit_keys(make_c
     assert (
         stage.dataset.seed == 3 and stage.dataset.test_fraction == 0.3
     )  # explicit on top, rest carried
-    assert stage.method.dim == 3  # the carried dataset.dim, taken from the file
+    assert stage.method.event_shape == [3]  # the carried dataset.event_shape, from the file
     full = stage_config(run, ["experiment=swiss_roll_ddpm_full", "backbone=sinusoidal_mlp"])
     assert full.backbone._target_.endswith("SinusoidalTimeMLP")
     assert full.dataset.batch_size == 256  # the stage's recipe, not the run's 128
@@ -54,13 +54,14 @@ def test_a_points_file_run_trains_every_stage_on_that_file(make_cfg, tmp_path):
     rows = train(cfg)
     out = Path(cfg.paths.output_dir)
     saved = OmegaConf.load(out / "config.yaml")
-    assert saved.dataset.dim == 3 and saved.method.dim == 3  # inferred from the file
+    assert saved.dataset.dim == 3 and saved.method.event_shape == [3]  # inferred from the file
     new_stages = {p.parent for p in cache.glob("*/config.yaml")} - roll_stages
     compare = [v.label for v in cfg.eval.compare.values() if v is not None]
     assert len(new_stages) == 1 + len(compare)  # pretraining + every compare row, all retrained
     for stage in new_stages:
         stage_cfg = OmegaConf.load(stage / "config.yaml")
-        assert stage_cfg.dataset.path == str(tmp_path / "helix.npy") and stage_cfg.method.dim == 3
+        assert stage_cfg.dataset.path == str(tmp_path / "helix.npy")
+        assert stage_cfg.method.event_shape == [3]
     for name in compare:
         assert rows[name] != roll[name]  # not the swiss-roll stage's summary row
     summary = (out / "summary.md").read_text()
@@ -81,7 +82,8 @@ def test_init_from_other_data_warns_and_other_dimension_fails(make_cfg, tmp_path
         train(make_cfg(*common, f"dataset.path={tmp_path}/ring.npy"))
     (line,) = [r.getMessage() for r in caplog.records if "method.init_from" in r.getMessage()]
     assert "swiss_roll" in line and "ring.npy" in line
-    with pytest.raises(ValueError, match="DDPM of 2-D data, but this run's data are 3-D"):
+    match = r"DDPM of samples of shape \[2\], but this run's data have shape \[3\]"
+    with pytest.raises(ValueError, match=match):
         train(make_cfg(*common, f"dataset.path={tmp_path}/helix.npy"))
 
 

@@ -16,6 +16,8 @@ from diffft.train import train
 
 # From the installed package (conf/ is installed as diffft.conf), as `python -m diffft.train`
 # sees it.
+# Image experiments train T = 1000 models: the test shortens the chain (it checks the wiring).
+EXTRA = {"digits_ddpm": ["method.schedule.steps=20"]}
 EXPERIMENTS = sorted(
     p.name.removesuffix(".yaml")
     for p in (resources.files("diffft.conf") / "experiment").iterdir()
@@ -25,7 +27,7 @@ EXPERIMENTS = sorted(
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_every_experiment_composes_and_runs(experiment, make_cfg):
-    cfg = make_cfg(f"experiment={experiment}", "debug=fast")
+    cfg = make_cfg(f"experiment={experiment}", "debug=fast", *EXTRA.get(experiment, []))
     rows = train(cfg)
     out = Path(cfg.paths.output_dir)
     assert "data floor" in rows and len(rows) >= 2

@@ -15,7 +15,6 @@ import torch
 
 from diffft.evaluation import Evaluator
 from diffft.media import log_image
-from diffft.plots import scatter_samples
 
 
 class PeriodicEvaluation(L.Callback):
@@ -84,7 +83,7 @@ class PeriodicEvaluation(L.Callback):
         with torch.no_grad():
             x = chain.sample(self.evaluator.n, generator=g, batch_size=self.evaluator.batch_size)
         path = self.plot_dir / f"step_{step:07d}.png"
-        scatter_samples({f"step {step}": x}, self.evaluator.dm.train, path)
+        self.evaluator.dm.plot({f"step {step}": x}, path)
         log_image(trainer.loggers, "samples/periodic", path, step=step)
 
     def state_dict(self) -> dict[str, float]:

@@ -7,20 +7,18 @@ checkerboard as in FFJORD (the DxMI 2-D setup). ``points_file`` loads a user's `
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import numpy as np
 import torch
-import torch.distributed as dist
 from sklearn.datasets import make_swiss_roll
-from torch.utils.data import DataLoader, IterableDataset
 
+from diffft.data.base import DataError, InMemoryDataModule
+from diffft.plots import scatter_samples
 
-class DataError(ValueError):
-    """A dataset problem the user can fix; the message names the key or path and the fix."""
+__all__ = ["GENERATORS", "DataError", "ToyDataModule", "load_points_file"]
 
 
 def swiss_roll(n: int, seed: int) -> np.ndarray:
@@ -87,75 +85,7 @@ def load_points_file(path: str | Path) -> np.ndarray:
     return x
 
 
-def batches_per_epoch(rows: int, world_size: int, batch_size: int) -> int:
-    """Batches each rank takes per epoch: its ``rows // world_size`` rows (the remainder is
-    left out of the epoch), the last batch possibly short."""
-    return -(-(rows // world_size) // batch_size)
-
-
-class InMemoryBatches(IterableDataset):
-    """Shuffled index-slice batches of one in-memory tensor; a new permutation every epoch.
-
-    ``position_fn() -> (rank, world_size, batches done | None)`` (the trainer's rank and world
-    size, the method's own batch counter) places every batch: epoch ``e`` uses the permutation
-    seeded by ``(seed, e)``, and an iterator started after ``b`` batches starts at batch
-    ``b mod len`` of epoch ``b div len``. So a run resumed from a mid-epoch checkpoint sees the
-    same data order as an uninterrupted one. Without a counter, iterations are counted.
-
-    Under DDP each rank takes every ``world_size``-th index of the same permutation, cut to a
-    multiple of ``world_size`` first (the last ``n mod world_size`` rows of each epoch's
-    permutation are left out, different rows every epoch): every rank yields the same number of
-    batches, so the ranks' collectives stay in step.
-    """
-
-    def __init__(
-        self,
-        data: torch.Tensor,
-        batch_size: int,
-        seed: int,
-        position_fn: Callable[[], tuple[int, int, int | None]] | None = None,
-    ) -> None:
-        self.data, self.batch_size, self.seed = data, batch_size, seed
-        self.epoch, self.position_fn = 0, position_fn
-
-    def _position(self) -> tuple[int, int, int | None]:
-        return self.position_fn() if self.position_fn is not None else (0, 1, None)
-
-    def __len__(self) -> int:
-        _, world, _ = self._position()
-        if self.data.shape[0] < world:
-            raise DataError(
-                f"{self.data.shape[0]} training rows cannot be split over {world} DDP ranks; "
-                "use fewer trainer.devices or more data"
-            )
-        return batches_per_epoch(self.data.shape[0], world, self.batch_size)
-
-    def __iter__(self) -> Iterator[torch.Tensor]:
-        rank, world, done = self._position()
-        if done is None:
-            epoch, start, self.epoch = self.epoch, 0, self.epoch + 1
-        else:
-            epoch, start = divmod(done, len(self))
-        g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-        per_rank = self.data.shape[0] // world
-        perm = torch.randperm(self.data.shape[0], generator=g)[: per_rank * world][rank::world]
-        for i in range(start * self.batch_size, per_rank, self.batch_size):
-            yield self.data[perm[i : i + self.batch_size]]
-
-
-class PositionedLoader(DataLoader):
-    """A ``DataLoader`` over ``InMemoryBatches`` that Lightning treats as resumable: its state is
-    the batch count its data order follows (the method's own counter, restored with the
-    method), so Lightning does not warn that a mid-epoch resume replays the epoch."""
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"batches_done": self.dataset._position()[2]}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        pass  # the position comes back with the method's counter (SamplerMethod.batches_done)
-
-
-class ToyDataModule(L.LightningDataModule):
+class ToyDataModule(InMemoryDataModule):
     """Low-dimensional point data: a named generator or a points file.
 
     Args:
@@ -166,6 +96,7 @@ class ToyDataModule(L.LightningDataModule):
         test_fraction: share of a points file held out as test set (seeded split).
         path: the points file (``name=points_file``).
         metrics: names of the evaluation metrics that suit this data (``diffft.evaluation``).
+        event_shape: ``[dim]`` (filled in by ``diffft.train``; checked when given).
     """
 
     def __init__(
@@ -178,9 +109,10 @@ class ToyDataModule(L.LightningDataModule):
         seed: int = 0,
         path: str | None = None,
         test_fraction: float = 0.2,
-        metrics: list[str] | tuple[str, ...] = ("sw", "w2"),
+        metrics: Sequence[str] = ("sw", "w2"),
+        event_shape: Sequence[int] | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(batch_size, seed, metrics, event_shape)
         if name != "points_file" and name not in GENERATORS:
             raise DataError(
                 f"dataset.name: unknown dataset {name!r}; expected one of "
@@ -190,10 +122,6 @@ class ToyDataModule(L.LightningDataModule):
             raise DataError("dataset.path is empty; set dataset.path=FILE (.npy or .csv, N x D)")
         self.name, self.dim, self.path = name, dim, path
         self.n_train, self.n_test, self.test_fraction = n_train, n_test, test_fraction
-        self.batch_size, self.seed = batch_size, seed
-        self.metrics = list(metrics)
-        self.train: torch.Tensor | None = None
-        self.test: torch.Tensor | None = None
         self._identity: dict[str, Any] | None = None
 
     def identity(self) -> dict[str, Any]:
@@ -234,6 +162,12 @@ class ToyDataModule(L.LightningDataModule):
             )
         self.train = torch.as_tensor(train, dtype=torch.float32)
         self.test = torch.as_tensor(test, dtype=torch.float32)
+        self.check_event_shape(f"'{self.path}'" if self.path else self.name)
+
+    def plot(self, samples: dict[str, torch.Tensor], path: str | Path) -> Path:
+        """A scatter of each row's samples over the training data (dims 0 and 1)."""
+        self.setup()
+        return scatter_samples(samples, self.train, path)
 
     def fresh(self, n: int, seed: int, reference: str = "train") -> torch.Tensor:
         """``n`` real points independent of the ``reference`` split, for metric floors.
@@ -249,22 +183,3 @@ class ToyDataModule(L.LightningDataModule):
         if pool.shape[0] >= n:
             return pool[torch.randperm(pool.shape[0], generator=g)[:n]]
         return pool[torch.randint(0, pool.shape[0], (n,), generator=g)]
-
-    def _position(self) -> tuple[int, int, int | None]:
-        """(rank, world size, batches done) from the trainer and its method (the method's own
-        counter, ``SamplerMethod.batches_done``; the trainer's epoch x length without one)."""
-        trainer = self.trainer
-        if trainer is None:  # a loader used outside a trainer (e.g. passed to fit directly)
-            if dist.is_available() and dist.is_initialized():
-                return dist.get_rank(), dist.get_world_size(), None
-            return 0, 1, None
-        done = getattr(trainer.lightning_module, "batches_done", None)
-        if done is None:
-            n = batches_per_epoch(self.train.shape[0], trainer.world_size, self.batch_size)
-            done = trainer.current_epoch * n
-        return trainer.global_rank, trainer.world_size, int(done)
-
-    def train_dataloader(self) -> DataLoader:
-        self.setup()
-        batches = InMemoryBatches(self.train, self.batch_size, self.seed, self._position)
-        return PositionedLoader(batches, batch_size=None, num_workers=0)

@@ -151,7 +151,7 @@ class FineTuneMethod(SamplerMethod):
 
     def build_chain(
         self,
-        dim: int,
+        event_shape: list[int],
         init_from: str | None,
         ddpm_hparams: dict[str, Any] | None,
         sampler: dict[str, Any],
@@ -171,10 +171,11 @@ class FineTuneMethod(SamplerMethod):
                 raise ValueError(
                     f"method.init_from='{init_from}' is a {type(ddpm).__name__}, not a DDPM"
                 )
-            if ddpm.hparams.dim != dim:
+            if list(ddpm.event_shape) != [int(d) for d in event_shape]:
                 raise ValueError(
-                    f"method.init_from='{init_from}' is a DDPM of {ddpm.hparams.dim}-D data, but "
-                    f"this run's data are {dim}-D (dataset.dim)"
+                    f"method.init_from='{init_from}' is a DDPM of samples of shape "
+                    f"{list(ddpm.event_shape)}, but this run's data have shape "
+                    f"{list(event_shape)} (dataset.event_shape)"
                 )
             self.hparams["ddpm"] = dict(ddpm.hparams)
             self.init_data = ddpm.data_identity
@@ -192,8 +193,7 @@ class FineTuneMethod(SamplerMethod):
         arguments, from older versions, are dropped)."""
         from diffft.methods.ddpm import DDPM
 
-        known = inspect.signature(DDPM.__init__).parameters
-        return DDPM(**{k: v for k, v in hparams.items() if k in known})
+        return DDPM(**known_hparams(DDPM, hparams))
 
     @staticmethod
     def chunks(n: int, size: int | None) -> list[slice]:
@@ -217,6 +217,20 @@ def batch_seed(seed: int, rank: int, batch: int) -> int:
     return (x ^ (x >> 31)) >> 1
 
 
+def known_hparams(cls: type, hparams: dict[str, Any]) -> dict[str, Any]:
+    """Saved hyper-parameters that are still arguments of ``cls``; a checkpoint from before
+    ``event_shape`` (an int ``dim``, also inside ``hparams.ddpm``) is translated."""
+    hparams = dict(hparams)
+    if "dim" in hparams and "event_shape" not in hparams:
+        hparams["event_shape"] = [int(hparams.pop("dim"))]
+    if isinstance(hparams.get("ddpm"), dict):
+        hparams["ddpm"] = known_hparams(dict, hparams["ddpm"])  # dict: keep every key
+    if cls is dict:
+        return hparams
+    known = inspect.signature(cls.__init__).parameters
+    return {k: v for k, v in hparams.items() if k in known}
+
+
 def load_method(path: str) -> SamplerMethod:
     """The method saved in a checkpoint written by ``python -m diffft.train``."""
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
@@ -226,8 +240,7 @@ def load_method(path: str) -> SamplerMethod:
     cls = getattr(importlib.import_module(module), name)
     # What LightningModule.load_from_checkpoint does, without reading the file a second time;
     # like it, hyper-parameters that are no longer arguments (older versions) are dropped.
-    known = inspect.signature(cls.__init__).parameters
-    method = cls(**{k: v for k, v in ckpt["hyper_parameters"].items() if k in known})
+    method = cls(**known_hparams(cls, ckpt["hyper_parameters"]))
     method.on_load_checkpoint(ckpt)
     method.load_state_dict(ckpt["state_dict"])
     return method

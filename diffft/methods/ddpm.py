@@ -25,8 +25,10 @@ LR_SCHEDULES = ("constant", "cosine")
 
 class DDPM(SamplerMethod):
     """Args (all config keys of ``conf/method/ddpm.yaml``):
-    backbone: eps-network config (``_target_`` + kwargs; ``dim`` and ``n_steps`` are filled in).
-    dim: data dimension. schedule: ``beta_schedule`` kwargs (name, steps, beta_start, beta_end).
+    backbone: eps-network config (``_target_`` + kwargs; ``event_shape`` and ``n_steps`` are
+    filled in). event_shape: the shape of one sample (``[D]`` for points, ``[C, H, W]`` for
+    images; ``dataset.event_shape``, filled in from the data).
+    schedule: ``beta_schedule`` kwargs (name, steps, beta_start, beta_end).
     sampler: ``GaussianChain`` kwargs of the evaluation chain (parameterisation, variance, eta).
     optimizer: optimiser config (``_target_`` + kwargs). grad_clip: max grad norm (None = off).
     lr_schedule: ``constant``, or ``cosine`` (decay to 0 over the run's optimiser steps).
@@ -42,7 +44,7 @@ class DDPM(SamplerMethod):
     def __init__(
         self,
         backbone: dict[str, Any],
-        dim: int,
+        event_shape: list[int],
         schedule: dict[str, Any],
         optimizer: dict[str, Any],
         sampler: dict[str, Any] | None = None,
@@ -59,8 +61,10 @@ class DDPM(SamplerMethod):
         betas = beta_schedule(**schedule)
         self.register_buffer("betas", betas)  # float64: sub-sampling needs the exact schedule
         self.register_buffer("alpha_bar_full", alpha_bar(betas).float())
-        eps_net = instantiate(backbone, dim=dim, n_steps=len(betas))
-        self.chain = GaussianChain(eps_net, subsample(betas, len(betas)), (dim,), **(sampler or {}))
+        self.event_shape = tuple(int(d) for d in event_shape)
+        eps_net = instantiate(backbone, event_shape=list(self.event_shape), n_steps=len(betas))
+        schedule = subsample(betas, len(betas))
+        self.chain = GaussianChain(eps_net, schedule, self.event_shape, **(sampler or {}))
         self.init_ema(ema_decay)
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
@@ -118,13 +122,13 @@ class DDPM(SamplerMethod):
         net = copy.deepcopy(self.eval_chain.eps_net).requires_grad_(True)
         kwargs = {**(self.hparams.sampler or {}), **sampler}
         schedule = subsample(self.betas, steps, subsample_kind, kwargs.pop("spacing", "linear"))
-        return GaussianChain(net, schedule, (self.hparams.dim,), **kwargs)
+        return GaussianChain(net, schedule, self.event_shape, **kwargs)
 
     def solver(self, steps: int, solver: str) -> SchedulerSampler:
         """A training-free ``steps``-step diffusers solver (``ddim``, ``dpmpp2m``) on the
         evaluated eps-network."""
         net = self.eval_chain.eps_net
-        sampler = SchedulerSampler(net, self.betas, steps, solver, (self.hparams.dim,))
+        sampler = SchedulerSampler(net, self.betas, steps, solver, self.event_shape)
         return sampler.to(self.device).eval()  # its borrowed eps-net is not switched to train
 
     def samplers(self) -> dict[str, Sampler]:

@@ -97,7 +97,8 @@ def build_reward(cfg: dict[str, Any]) -> Callable[[torch.Tensor], torch.Tensor]:
 
 class DxMI(FineTuneMethod):
     """Args (config keys of ``conf/method/dxmi.yaml`` / ``dxdp.yaml``):
-    dim: data dimension. init_from: the DDPM checkpoint the chain starts from.
+    event_shape: the shape of one sample (filled in from the data).
+    init_from: the DDPM checkpoint the chain starts from.
     sampler: the T-step chain (``steps``, ``subsample``; ``learn_sigma`` is always on).
     fresh_sampler: keep the DDPM's architecture and schedule but start from random weights
         (Table 1's "no pretraining" row).
@@ -122,7 +123,7 @@ class DxMI(FineTuneMethod):
 
     def __init__(
         self,
-        dim: int,
+        event_shape: list[int],
         sampler: dict[str, Any],
         value: dict[str, Any],
         energy: dict[str, Any] | None = None,
@@ -171,7 +172,7 @@ class DxMI(FineTuneMethod):
         self.save_hyperparameters()
         self.tau1 = tau if tau1 is None else tau1
         self.tau2 = tau if tau2 is None else tau2
-        chain = self.build_chain(dim, init_from, ddpm, dict(sampler), learn_sigma=True)
+        chain = self.build_chain(event_shape, init_from, ddpm, dict(sampler), learn_sigma=True)
         if fresh_sampler and ddpm is None:  # random weights, same architecture and schedule
             fresh = self.ddpm_from_hparams(self.hparams["ddpm"]).chain.eps_net
             chain.eps_net.load_state_dict(fresh.state_dict())
@@ -181,17 +182,16 @@ class DxMI(FineTuneMethod):
         self.shared_energy = energy is None and reward is None
         if time_dependent:
             n_steps = K + 1 if self.shared_energy else K  # index k (shared) or k - 1
-            self.value = instantiate(value, dim=dim, n_steps=n_steps)
+            self.value = instantiate(value, event_shape=event_shape, n_steps=n_steps)
         elif "TimeMLP" in str(value.get("_target_", "")):
             raise ValueError(
                 "method.time_dependent=false needs a value network without a time input: set "
                 "method.value._target_=diffft.nets.mlp.MLP (or your own net of x alone)"
             )
         else:
-            self.value = instantiate(value, dim=dim)
-        self.energy = (
-            instantiate(energy, dim=dim) if energy is not None and reward is None else None
-        )
+            self.value = instantiate(value, event_shape=event_shape)
+        own_energy = energy is not None and reward is None
+        self.energy = instantiate(energy, event_shape=event_shape) if own_energy else None
         self.register_buffer(
             "time_costs", time_cost_table(time_cost, K, time_cost_c), persistent=False
         )

@@ -61,7 +61,8 @@ ESTIMATORS = ("policy_gradient", "pathwise")
 
 class SFTPG(FineTuneMethod):
     """Args (config keys of ``conf/method/sft_pg*.yaml``):
-    dim: data dimension. init_from: the DDPM checkpoint to fine-tune.
+    event_shape: the shape of one sample (filled in from the data).
+    init_from: the DDPM checkpoint to fine-tune.
     sampler: the short chain: ``steps`` (T'), ``subsample`` (how the DDPM's T steps are
         reduced to T'; ``none`` when T = T'), other ``GaussianChain`` kwargs override the DDPM's.
     critic / baseline: network configs (``_target_`` + kwargs).
@@ -80,7 +81,7 @@ class SFTPG(FineTuneMethod):
 
     def __init__(
         self,
-        dim: int,
+        event_shape: list[int],
         sampler: dict[str, Any],
         critic: dict[str, Any],
         baseline: dict[str, Any],
@@ -109,11 +110,12 @@ class SFTPG(FineTuneMethod):
             )
         self.automatic_optimization = False
         self.save_hyperparameters()
-        self.build_chain(dim, init_from, ddpm, dict(sampler))  # chain, init_chain, iteration
+        # chain, init_chain, iteration
+        self.build_chain(event_shape, init_from, ddpm, dict(sampler))
         if estimator == "policy_gradient":
             self.chain.require_density("method.estimator=policy_gradient (log-probabilities)")
-        self.critic = instantiate(critic, dim=dim)
-        self.baseline = instantiate(baseline, dim=dim, n_steps=self.chain.steps)
+        self.critic = instantiate(critic, event_shape=event_shape)
+        self.baseline = instantiate(baseline, event_shape=event_shape, n_steps=self.chain.steps)
         self.init_ema(ema_decay)
         self.buffer: list[torch.Tensor] = []
 

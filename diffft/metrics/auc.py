@@ -42,6 +42,7 @@ def energy_auc(
 
 
 def kde_energy(points: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The negative log-density of a Gaussian KDE (Scott's bandwidth) of ``points`` [n, D]."""
-    kde = gaussian_kde(points.double().numpy().T)
-    return lambda x: torch.from_numpy(-kde.logpdf(x.cpu().double().numpy().T))
+    """The negative log-density of a Gaussian KDE (Scott's bandwidth) of ``points`` [n, ...]
+    (flattened)."""
+    kde = gaussian_kde(points.flatten(1).double().numpy().T)
+    return lambda x: torch.from_numpy(-kde.logpdf(x.flatten(1).cpu().double().numpy().T))

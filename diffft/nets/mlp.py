@@ -1,12 +1,16 @@
 """Small MLPs for 2-D data: the time-gated eps-network, critics, value and energy networks.
 
 Plain ``nn.Module``s whose constructor arguments are the config keys of ``conf/backbone`` and
-``conf/method``. Time inputs are integer step indices (``LongTensor [n]``).
+``conf/method``; ``event_shape`` (the shape of one sample) is filled in by the method. An input of
+any event shape is flattened to its D = prod(event_shape) values (e.g. the SFT-PG baseline MLP on
+a flattened image), and an eps-network's output has the input's shape. Time inputs are integer
+step indices (``LongTensor [n]``).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -18,6 +22,18 @@ ACTIVATIONS = {
     "leaky_relu": nn.LeakyReLU,
     "tanh": nn.Tanh,
 }
+
+
+def as_shape(event_shape: int | Sequence[int]) -> tuple[int, ...]:
+    """``event_shape`` as a tuple (an int D is the shape ``(D,)`` of points)."""
+    return (
+        (int(event_shape),) if isinstance(event_shape, int) else tuple(int(d) for d in event_shape)
+    )
+
+
+def flat_dim(event_shape: int | Sequence[int]) -> int:
+    """D, the number of values in one sample of shape ``event_shape``."""
+    return math.prod(as_shape(event_shape))
 
 
 def make_activation(name: str) -> nn.Module:
@@ -44,13 +60,13 @@ class GatedLinear(nn.Module):
 class TimeMLP(nn.Module):
     """Time-conditioned MLP ``(x, t) -> R^out``: ``depth`` gated hidden layers, then a linear head.
 
-    As eps-network: ``out_dim = dim``. As baseline / value: ``out_dim = 1`` (the SFT-PG baseline
-    also gates its output layer: ``gated_output=True``).
+    As eps-network: ``out_dim = None`` (an output of the input's shape). As baseline / value:
+    ``out_dim = 1`` (the SFT-PG baseline also gates its output layer: ``gated_output=True``).
     """
 
     def __init__(
         self,
-        dim: int,
+        event_shape: int | Sequence[int],
         n_steps: int,
         width: int = 128,
         depth: int = 3,
@@ -61,7 +77,8 @@ class TimeMLP(nn.Module):
         super().__init__()
         if n_steps < 1 or depth < 1:
             raise ValueError(f"TimeMLP needs n_steps >= 1 and depth >= 1, got {n_steps}, {depth}")
-        self.n_steps = n_steps
+        self.n_steps, self.event_shape, dim = n_steps, as_shape(event_shape), flat_dim(event_shape)
+        self.out_shape = (out_dim,) if out_dim else self.event_shape
         sizes = [dim] + [width] * depth
         self.hidden = nn.ModuleList(
             GatedLinear(a, b, n_steps) for a, b in zip(sizes[:-1], sizes[1:], strict=True)
@@ -72,9 +89,11 @@ class TimeMLP(nn.Module):
         self.gated_output = gated_output
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        x = x.flatten(1)  # a no-op for [n, D] points
         for layer in self.hidden:
             x = self.act(layer(x, t))
-        return self.head(x, t) if self.gated_output else self.head(x)
+        out = self.head(x, t) if self.gated_output else self.head(x)
+        return out.view(-1, *self.out_shape)
 
 
 class MLP(nn.Module):
@@ -82,13 +101,14 @@ class MLP(nn.Module):
 
     def __init__(
         self,
-        dim: int,
+        event_shape: int | Sequence[int],
         width: int = 256,
         depth: int = 2,
         activation: str = "relu",
         out_dim: int = 1,
     ) -> None:
         super().__init__()
+        dim = flat_dim(event_shape)
         layers: list[nn.Module] = []
         for a, b in zip([dim] + [width] * (depth - 1), [width] * depth, strict=True):
             layers += [nn.Linear(a, b), make_activation(activation)]
@@ -96,7 +116,7 @@ class MLP(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
-        return self.net(x)
+        return self.net(x.flatten(1))
 
 
 class SinusoidalTimeMLP(nn.Module):
@@ -112,7 +132,7 @@ class SinusoidalTimeMLP(nn.Module):
 
     def __init__(
         self,
-        dim: int,
+        event_shape: int | Sequence[int],
         n_steps: int,
         width: int = 128,
         depth: int = 3,
@@ -126,7 +146,8 @@ class SinusoidalTimeMLP(nn.Module):
                 f"SinusoidalTimeMLP needs n_steps >= 1, depth >= 1 and an even emb_dim >= 2, "
                 f"got {n_steps}, {depth}, {emb_dim}"
             )
-        self.n_steps = n_steps
+        self.n_steps, self.event_shape, dim = n_steps, as_shape(event_shape), flat_dim(event_shape)
+        self.out_shape = (out_dim,) if out_dim else self.event_shape
         half = emb_dim // 2
         freqs = torch.exp(-math.log(10_000.0) * torch.arange(half, dtype=torch.float64) / half)
         self.register_buffer("freqs", (freqs * 1000.0 / n_steps).float(), persistent=False)
@@ -146,7 +167,7 @@ class SinusoidalTimeMLP(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         emb = self.embed(t)
-        h = self.inp(x)
+        h = self.inp(x.flatten(1))
         for block in self.blocks:
             h = h + block(self.act(h + emb))
-        return self.head(self.act(h))
+        return self.head(self.act(h)).view(-1, *self.out_shape)

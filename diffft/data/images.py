@@ -1,0 +1,116 @@
+"""Image datasets as ``[n, C, H, W]`` float32 tensors in [-1, 1].
+
+``digits``: scikit-learn's 1,797 8x8 handwritten digits (``load_digits``, shipped inside
+scikit-learn: no download), values 0..16 scaled to [-1, 1], one channel. The offline image
+dataset of the tests and the image demo. The split is seeded: ``test_fraction`` of the images
+are the test set.
+
+Small image sets are held in memory like the toy points (``InMemoryBatches``: exact resume, DDP
+shards). ``hflip`` flips a random half of every training batch horizontally (CIFAR-10 /
+CelebA setups; never for digits).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from diffft.data.base import DataError, InMemoryBatches, InMemoryDataModule, PositionedLoader
+from diffft.methods.base import batch_seed
+from diffft.plots import image_grids
+
+IMAGE_SETS = ("digits",)
+
+
+def load_digits_images() -> np.ndarray:
+    """The 1,797 scikit-learn digits as ``[n, 1, 8, 8]`` float32 in [-1, 1]."""
+    from sklearn.datasets import load_digits
+
+    x = load_digits().images.astype(np.float32)  # 0..16
+    return (x / 8.0 - 1.0)[:, None]
+
+
+class FlippedBatches(InMemoryBatches):
+    """``InMemoryBatches`` whose every batch has a random half flipped horizontally (seeded by
+    the batch's position, so a resumed run flips the same images)."""
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        rank, _, done = self._position()
+        for i, batch in enumerate(super().__iter__()):
+            g = torch.Generator().manual_seed(batch_seed(self.seed, rank, (done or 0) + i))
+            flip = torch.rand(batch.shape[0], generator=g) < 0.5
+            yield torch.where(flip[:, None, None, None], batch.flip(-1), batch)
+
+
+class ImageDataModule(InMemoryDataModule):
+    """Image data (see the module docstring).
+
+    Args:
+        name: one of ``IMAGE_SETS``.
+        test_fraction: share of the images held out as the test set (seeded split).
+        hflip: random horizontal flips of training batches.
+        metrics: evaluation metrics that suit this data (``diffft.evaluation``).
+        event_shape: ``[C, H, W]`` (filled in by ``diffft.train``; checked when given).
+    """
+
+    def __init__(
+        self,
+        name: str = "digits",
+        batch_size: int = 64,
+        seed: int = 0,
+        test_fraction: float = 0.2,
+        hflip: bool = False,
+        metrics: Sequence[str] = ("fid", "kid"),
+        event_shape: Sequence[int] | None = None,
+    ) -> None:
+        super().__init__(batch_size, seed, metrics, event_shape)
+        if name not in IMAGE_SETS:
+            raise DataError(f"dataset.name: unknown image dataset {name!r}; expected {IMAGE_SETS}")
+        if not 0 < test_fraction < 1:
+            raise DataError(f"dataset.test_fraction={test_fraction}; expected 0 < f < 1")
+        self.name, self.test_fraction, self.hflip = name, test_fraction, hflip
+
+    def identity(self) -> dict[str, Any]:
+        """The dataset, its content hash, the split settings and seed."""
+        x = load_digits_images()
+        digest = hashlib.sha1(x.tobytes()).hexdigest()[:16]
+        return {"name": self.name, "sha1": digest, "test_fraction": self.test_fraction,
+                "seed": self.seed}  # fmt: skip
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train is not None:
+            return
+        x = load_digits_images()
+        perm = np.random.default_rng(self.seed).permutation(len(x))
+        n_test = max(1, int(round(self.test_fraction * len(x))))
+        self.train = torch.from_numpy(x[perm[n_test:]].copy())
+        self.test = torch.from_numpy(x[perm[:n_test]].copy())
+        self.check_event_shape(self.name)
+
+    def fresh(self, n: int, seed: int, reference: str = "train") -> torch.Tensor:
+        """``n`` real images independent of the ``reference`` split: the other split resampled
+        (without replacement when it is large enough)."""
+        self.setup()
+        pool = self.test if reference == "train" else self.train
+        g = torch.Generator().manual_seed(seed)
+        if pool.shape[0] >= n:
+            return pool[torch.randperm(pool.shape[0], generator=g)[:n]]
+        return pool[torch.randint(0, pool.shape[0], (n,), generator=g)]
+
+    def plot(self, samples: dict[str, torch.Tensor], path: str | Path) -> Path:
+        """A grid of each row's first 64 samples, beside real training images."""
+        self.setup()
+        return image_grids({"data (train)": self.train, **samples}, path)
+
+    def train_dataloader(self) -> DataLoader:
+        if not self.hflip:
+            return super().train_dataloader()
+        self.setup()
+        batches = FlippedBatches(self.train, self.batch_size, self.seed, self._position)
+        return PositionedLoader(batches, batch_size=None, num_workers=0)

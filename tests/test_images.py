@@ -1,0 +1,94 @@
+"""Image pieces: UNet backbones, the diffusers adapter, the digits data, image plots."""
+
+import pytest
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from diffft.data.base import DataError
+from diffft.data.images import ImageDataModule
+from diffft.nets.mlp import TimeMLP
+from diffft.nets.unet import DiffusersUNet, UNet
+from diffft.plots import image_grids, trajectory_grid
+
+TINY_DIFFUSERS = {
+    "block_out_channels": [8, 16],
+    "layers_per_block": 1,
+    "down_block_types": ["DownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "UpBlock2D"],
+    "norm_num_groups": 4,
+}
+
+
+@pytest.mark.parametrize("shape,mults", [((1, 8, 8), (1, 2)), ((1, 28, 28), (1, 2, 2))])
+def test_unet_keeps_the_image_shape_and_is_conditioned_on_time(shape, mults):
+    net = UNet(list(shape), 1000, channels=8, mults=mults, groups=4)
+    x = torch.randn(3, *shape)
+    assert net(x, torch.tensor([0, 10, 999])).shape == x.shape
+    torch.nn.init.normal_(net.out[-1].weight)  # the zero-initialised head outputs 0 at first
+    a, b = net(x, torch.zeros(3, dtype=torch.long)), net(x, torch.full((3,), 500))
+    assert not torch.allclose(a, b)
+    with pytest.raises(ValueError, match=r"needs images \[C, H, W\]"):
+        UNet([2], 10)
+
+
+def test_time_mlp_on_images_flattens_and_keeps_the_shape():
+    net = TimeMLP([1, 8, 8], 10, width=16, depth=1)
+    assert net(torch.randn(5, 1, 8, 8), torch.zeros(5, dtype=torch.long)).shape == (5, 1, 8, 8)
+    value = TimeMLP([1, 8, 8], 10, width=16, depth=1, out_dim=1)
+    assert value(torch.randn(5, 1, 8, 8), torch.zeros(5, dtype=torch.long)).shape == (5, 1)
+
+
+def test_diffusers_unet_round_trips_through_a_local_folder(tmp_path):
+    net = DiffusersUNet([1, 8, 8], 1000, **TINY_DIFFUSERS)
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([3, 900])
+    net.net.save_pretrained(tmp_path / "unet")
+    loaded = DiffusersUNet([1, 8, 8], 1000, path=str(tmp_path / "unet"))
+    with torch.no_grad():
+        assert torch.equal(net(x, t), loaded(x, t))
+    with pytest.raises(FileNotFoundError, match="backbone.path=.*no UNet2DModel folder"):
+        DiffusersUNet([1, 8, 8], 1000, path=str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="is a UNet for 1-channel 8x8 images"):
+        DiffusersUNet([3, 32, 32], 1000, path=str(tmp_path / "unet"))
+
+
+def test_the_ddpm_cifar10_backbone_config_is_the_35_7m_unet():
+    cfg = OmegaConf.load("conf/backbone/ddpm_cifar10.yaml")
+    net = instantiate(cfg, event_shape=[3, 32, 32], n_steps=1000)
+    assert sum(p.numel() for p in net.parameters()) == 35_746_307
+
+
+def test_digits_are_8x8_images_in_range_with_a_seeded_split():
+    dm = ImageDataModule("digits", seed=0)
+    dm.setup()
+    assert dm.event_shape == (1, 8, 8)
+    assert dm.train.shape == (1438, 1, 8, 8) and dm.test.shape == (359, 1, 8, 8)
+    assert dm.train.min() >= -1 and dm.train.max() <= 1
+    other = ImageDataModule("digits", seed=1)
+    other.setup()
+    assert not torch.equal(dm.test, other.test) and dm.identity() != other.identity()
+    assert dm.identity() == ImageDataModule("digits", seed=0).identity()
+    assert dm.fresh(100, 0, "test").shape == (100, 1, 8, 8)
+    with pytest.raises(DataError, match=r"dataset.event_shape=\[1, 28, 28\] but digits"):
+        ImageDataModule("digits", event_shape=[1, 28, 28]).setup()
+    with pytest.raises(DataError, match="dataset.name: unknown image dataset"):
+        ImageDataModule("imagenet")
+
+
+def test_hflip_flips_a_seeded_half_of_each_batch():
+    def first_batch(hflip):
+        dm = ImageDataModule("digits", batch_size=32, hflip=hflip)
+        return next(iter(dm.train_dataloader()))
+
+    plain, flipped = first_batch(False), first_batch(True)
+    same = (plain == flipped).flatten(1).all(1)
+    mirrored = (plain.flip(-1) == flipped).flatten(1).all(1)
+    assert (same | mirrored).all() and 0 < mirrored.sum() < 32
+    assert torch.equal(flipped, first_batch(True))
+
+
+def test_image_plots_are_written(tmp_path):
+    x = torch.rand(10, 1, 8, 8) * 2 - 1
+    assert image_grids({"a": x, "b": x}, tmp_path / "g.png").stat().st_size > 0
+    states = torch.rand(6, 4, 1, 8, 8) * 2 - 1
+    assert trajectory_grid(states, tmp_path / "t.png").stat().st_size > 0
