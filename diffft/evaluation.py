@@ -26,6 +26,7 @@ import torch
 from diffft.diffusion.sampler import Sampler
 from diffft.locks import file_lock
 from diffft.metrics.auc import energy_auc, kde_energy, uniform_box
+from diffft.metrics.fid import EXTRACTOR_VERSION, image_metric
 from diffft.metrics.ot import exact_w2, mean_sd, sliced_w2
 
 Energy = Callable[[torch.Tensor], torch.Tensor]
@@ -35,7 +36,9 @@ Energy = Callable[[torch.Tensor], torch.Tensor]
 class Metric:
     """``scores: samples``: ``fn(samples, reference split, draw seed)``; ``scores: energy``: the
     metric scores a method's energy (``fn(energy, reference split, draw, evaluator, device)``),
-    and rows without an energy (a DDPM, a solver) have no value."""
+    and rows without an energy (a DDPM, a solver) have no value; ``scores: images``: an image
+    metric on a feature network (``fn(samples, reference split, draw, evaluator)``, unflattened;
+    its label names the evaluator's extractor)."""
 
     fn: Callable[..., float]
     reference: str  # "train" or "test": the real split the samples are compared with
@@ -49,6 +52,15 @@ def _auc(energy: Energy, test: torch.Tensor, draw: int, ev: Evaluator, device: A
     lo, hi = ev.auc_box()
     noise = uniform_box(test.shape[0], lo, hi, draw).view(-1, *test.shape[1:])
     return energy_auc(energy, test, noise, device)
+
+
+def _image(kind: str) -> Callable[..., float]:
+    def fn(x: torch.Tensor, ref: torch.Tensor, draw: int, ev: Evaluator) -> float:
+        return image_metric(
+            kind, x, ref, ev.features, ev.dm, ev.cache_dir, ev.inception_weights, seed=draw
+        )
+
+    return fn
 
 
 def _sw(n_projections: int) -> Callable[..., float]:
@@ -66,6 +78,9 @@ METRICS: dict[str, Metric] = {
     "auc": Metric(
         _auc, "test", 1.0, "energy AUC test vs uniform (floor row: KDE ideal)", "energy", "max"
     ),
+    # Images: FID / KID of the samples vs the test split on eval.features.
+    "fid": Metric(_image("fid"), "test", 1.0, "FID vs test ({features})", "images"),
+    "kid": Metric(_image("kid"), "test", 1.0, "KID vs test ({features})", "images"),
 }
 # Points of the real sample the "auc" floor's KDE is fitted to, and its draws (a 10K x 20K KDE
 # evaluation takes ~6 s).
@@ -93,6 +108,9 @@ class Evaluator:
         batch_size: samples drawn per sampler call (None = all ``n`` at once).
         auc_box: ``[lo, hi]`` of the uniform noise of the ``auc`` metric in every dimension
             (None = the bounding box of the training split).
+        features: the feature network of the image metrics: ``offline`` (a classifier trained
+            on the training split, cached) or ``inception`` (from ``inception_weights``, a local
+            file); see ``diffft.metrics.fid``.
     """
 
     def __init__(
@@ -107,14 +125,29 @@ class Evaluator:
         floor_draws: int | None = None,
         batch_size: int | None = None,
         auc_box: list[float] | None = None,
+        features: str = "offline",
+        inception_weights: str | None = None,
     ) -> None:
         check_metrics(list(metrics))
+        images = [m for m in metrics if METRICS[m].scores == "images"]
+        if images and len(datamodule.event_shape) != 3:
+            raise ValueError(
+                f"eval.metrics: {images} score images [C, H, W], but dataset "
+                f"{datamodule.name!r} has samples of shape {list(datamodule.event_shape)}; use "
+                "sw / w2 for points"
+            )
+        self.features, self.inception_weights = features, inception_weights
         self.box = auc_box
         self.dm, self.metrics, self.n, self.draws = datamodule, list(metrics), n, draws
         self.floor_draws = floor_draws or draws
         self.seed, self.w2_points = seed, w2_points
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self.batch_size = batch_size
+
+    def labels(self) -> dict[str, str]:
+        """Column labels of the metrics (an image metric's names its feature network)."""
+        return {m: METRICS[m].label.format(features=f"{self.features} features")
+                for m in self.metrics}  # fmt: skip
 
     def _points(self, name: str) -> int:
         return min(self.n, self.w2_points) if name == "w2" else self.n
@@ -135,6 +168,8 @@ class Evaluator:
         ref = self.dm.train if metric.reference == "train" else self.dm.test
         if metric.scores == "energy":
             return metric.scale * metric.fn(x, ref[: self.n], draw, self, device)
+        if metric.scores == "images":
+            return metric.scale * metric.fn(x.detach().cpu(), ref, draw, self)
         m = self._points(name)
         if m < ref.shape[0] and name == "w2":
             ref = ref[torch.randperm(ref.shape[0], generator=torch.Generator().manual_seed(draw))]
@@ -210,6 +245,8 @@ class Evaluator:
         if METRICS[name].scores == "energy":  # the KDE's sample size and draws too
             ident += [[t.tolist() for t in self.auc_box()], "kde", AUC_FLOOR_POINTS]
             ident[3] = min(self.floor_draws, AUC_FLOOR_DRAWS)
+        if METRICS[name].scores == "images":  # the feature network
+            ident += [self.features, self.inception_weights, EXTRACTOR_VERSION]
         return f"{self.dm.name}-{name}-" + hashlib.sha1(repr(ident).encode()).hexdigest()[:12]
 
 
@@ -217,11 +254,13 @@ def format_table(
     rows: dict[str, dict[str, list[float]]],
     metrics: list[str],
     references: dict[str, dict[str, float]] | None = None,
+    labels: dict[str, str] | None = None,
 ) -> str:
     """A markdown table: one row per sampler (and the floor), ``mean ± sd`` per metric, plus
-    the reference value (paper / baseline) where one is given."""
-    references = references or {}
-    head = ["model"] + [METRICS[m].label for m in metrics] + ["reference"]
+    the reference value (paper / baseline) where one is given; ``labels``: column labels
+    (default: the metrics' own)."""
+    references, labels = references or {}, labels or {}
+    head = ["model"] + [labels.get(m, METRICS[m].label) for m in metrics] + ["reference"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, values in rows.items():
         cells = [name]

@@ -63,7 +63,7 @@ _CARRIED_TRAINER_KEYS = ("accelerator",)
 _NOT_TRAINING_DATA = ("path", "n_test", "metrics")
 _STAGE_OWN_DATA_KEYS = ("batch_size",)
 # The evaluation settings a stage's summary row must share with the run to be reused.
-EVAL_KEYS = ("n", "draws", "seed", "w2_points", "metrics")
+EVAL_KEYS = ("n", "draws", "seed", "w2_points", "features", "inception_weights", "metrics")
 
 
 def data_identity(dataset_cfg: DictConfig | dict) -> dict[str, Any]:
@@ -227,7 +227,7 @@ def compare_stages(cfg: DictConfig) -> dict[str, tuple[str, list[str]]]:
     of its cache key), so its own summary gives the row without sampling the (e.g. 1000-step)
     chain again. ``eval.compare=null`` drops every row, ``eval.compare.ID=null`` one of them."""
     ev = cfg.eval
-    same_eval = [f"eval.{k}={ev[k]}" for k in EVAL_KEYS[:-1]]
+    same_eval = [f"eval.{k}={'null' if ev[k] is None else ev[k]}" for k in EVAL_KEYS[:-1]]
     same_eval.append(f"eval.metrics=[{','.join(ev.metrics)}]")
     out = {}
     for row_id, entry in (ev.get("compare") or {}).items():

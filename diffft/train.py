@@ -147,6 +147,8 @@ def train(cfg: DictConfig) -> dict[str, dict[str, list[float]]]:
         floor_draws=cfg.eval.floor_draws,
         batch_size=cfg.eval.get("batch_size"),
         auc_box=cfg.eval.get("auc_box"),
+        features=cfg.eval.get("features", "offline"),
+        inception_weights=cfg.eval.get("inception_weights"),
     )
     trainer = build_trainer(cfg, evaluator)
     failed = True
@@ -256,7 +258,7 @@ def report(
         evaluated = dict(zip(todo, values, strict=True))
     rows = {name: stage_rows.get(name) or evaluated[name] for name in samplers}
     rows["data floor"] = evaluator.floor()
-    table = format_table(rows, evaluator.metrics, references_for(cfg, ours))
+    table = format_table(rows, evaluator.metrics, references_for(cfg, ours), evaluator.labels())
     header = (
         f"{cfg.task_name}: {evaluator.draws} draws of {evaluator.n} samples, mean ± sd; "
         f"'data floor' = the same metric between independent real samples of the same size "

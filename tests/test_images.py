@@ -1,5 +1,7 @@
 """Image pieces: UNet backbones, the diffusers adapter, the digits data, image plots."""
 
+from importlib import resources
+
 import pytest
 import torch
 from hydra.utils import instantiate
@@ -53,7 +55,7 @@ def test_diffusers_unet_round_trips_through_a_local_folder(tmp_path):
 
 
 def test_the_ddpm_cifar10_backbone_config_is_the_35_7m_unet():
-    cfg = OmegaConf.load("conf/backbone/ddpm_cifar10.yaml")
+    cfg = OmegaConf.load(resources.files("diffft.conf") / "backbone" / "ddpm_cifar10.yaml")
     net = instantiate(cfg, event_shape=[3, 32, 32], n_steps=1000)
     assert sum(p.numel() for p in net.parameters()) == 35_746_307
 
@@ -92,3 +94,31 @@ def test_image_plots_are_written(tmp_path):
     assert image_grids({"a": x, "b": x}, tmp_path / "g.png").stat().st_size > 0
     states = torch.rand(6, 4, 1, 8, 8) * 2 - 1
     assert trajectory_grid(states, tmp_path / "t.png").stat().st_size > 0
+
+
+def test_offline_fid_is_zero_for_a_set_against_itself_and_grows_with_noise(tmp_path):
+    from diffft.metrics.fid import image_metric
+
+    dm = ImageDataModule("digits")
+    dm.setup()
+    real, g = dm.test, torch.Generator().manual_seed(0)
+
+    def fid(x):
+        return image_metric("fid", x, real, "offline", dm, tmp_path)
+
+    noisy = [(real + s * torch.randn(real.shape, generator=g)).clamp(-1, 1) for s in (0.2, 0.6)]
+    with torch.no_grad():  # as inside evaluation: the first call trains the classifier
+        values = [fid(real), fid(dm.train), *map(fid, noisy)]
+    assert abs(values[0]) < 1e-3 and values[0] < values[1] < values[2] < values[3]
+    assert len(list((tmp_path / "features").glob("digits-*.pt"))) == 1  # cached per dataset
+    kid = [image_metric("kid", x, real, "offline", dm, tmp_path) for x in (dm.train, noisy[1])]
+    assert kid[0] < kid[1]
+
+
+def test_missing_inception_weights_name_the_key(tmp_path):
+    from diffft.metrics.fid import image_metric
+
+    dm = ImageDataModule("digits")
+    dm.setup()
+    with pytest.raises(FileNotFoundError, match="eval.inception_weights=.*no such file"):
+        image_metric("fid", dm.test, dm.test, "inception", dm, tmp_path, str(tmp_path / "x.pth"))

@@ -16,8 +16,14 @@ from diffft.train import train
 
 # From the installed package (conf/ is installed as diffft.conf), as `python -m diffft.train`
 # sees it.
-# Image experiments train T = 1000 models: the test shortens the chain (it checks the wiring).
-EXTRA = {"digits_ddpm": ["method.schedule.steps=20"]}
+# Image experiments train T = 1000 models: the test shortens the chain and the evaluation (it
+# checks the wiring).
+_SMALL_IMAGE_EVAL = ["threads=1", "eval.n=100", "eval.periodic_n=100"]
+EXTRA = {
+    "digits_ddpm": ["method.schedule.steps=20", *_SMALL_IMAGE_EVAL],
+    "digits_sft_pg": ["ddpm_steps=20", *_SMALL_IMAGE_EVAL],
+    "digits_dxmi": ["ddpm_steps=20", *_SMALL_IMAGE_EVAL],
+}
 EXPERIMENTS = sorted(
     p.name.removesuffix(".yaml")
     for p in (resources.files("diffft.conf") / "experiment").iterdir()
@@ -100,7 +106,9 @@ def test_resume_continues_step_count_and_writes_summary(make_cfg, tmp_path):
 
 
 def test_unknown_metric_and_missing_points_file_fail_clearly(make_cfg):
-    with pytest.raises(ValueError, match="eval.metrics: unknown \\['fid'\\]"):
+    with pytest.raises(ValueError, match="eval.metrics: unknown \\['fjd'\\]"):
+        train(make_cfg("debug=fast", "eval.metrics=[fjd]"))
+    with pytest.raises(ValueError, match=r"eval.metrics: \['fid'\] score images \[C, H, W\]"):
         train(make_cfg("debug=fast", "eval.metrics=[fid]"))
     from diffft.data.toy import DataError
 

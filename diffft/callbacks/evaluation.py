@@ -41,6 +41,9 @@ class PeriodicEvaluation(L.Callback):
             w2_points=min(n, evaluator.w2_points),
             batch_size=evaluator.batch_size,
             auc_box=evaluator.box,
+            cache_dir=evaluator.cache_dir,  # the image metrics' feature network is cached there
+            features=evaluator.features,
+            inception_weights=evaluator.inception_weights,
         )
 
     def on_train_start(self, trainer: L.Trainer, pl_module: Any) -> None:

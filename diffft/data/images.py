@@ -28,12 +28,13 @@ from diffft.plots import image_grids
 IMAGE_SETS = ("digits",)
 
 
-def load_digits_images() -> np.ndarray:
-    """The 1,797 scikit-learn digits as ``[n, 1, 8, 8]`` float32 in [-1, 1]."""
+def load_digits_images() -> tuple[np.ndarray, np.ndarray]:
+    """The 1,797 scikit-learn digits as ``[n, 1, 8, 8]`` float32 in [-1, 1], and their labels."""
     from sklearn.datasets import load_digits
 
-    x = load_digits().images.astype(np.float32)  # 0..16
-    return (x / 8.0 - 1.0)[:, None]
+    digits = load_digits()
+    x = digits.images.astype(np.float32)  # 0..16
+    return (x / 8.0 - 1.0)[:, None], digits.target.astype(np.int64)
 
 
 class FlippedBatches(InMemoryBatches):
@@ -78,7 +79,7 @@ class ImageDataModule(InMemoryDataModule):
 
     def identity(self) -> dict[str, Any]:
         """The dataset, its content hash, the split settings and seed."""
-        x = load_digits_images()
+        x, _ = load_digits_images()
         digest = hashlib.sha1(x.tobytes()).hexdigest()[:16]
         return {"name": self.name, "sha1": digest, "test_fraction": self.test_fraction,
                 "seed": self.seed}  # fmt: skip
@@ -86,11 +87,14 @@ class ImageDataModule(InMemoryDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train is not None:
             return
-        x = load_digits_images()
+        x, y = load_digits_images()
         perm = np.random.default_rng(self.seed).permutation(len(x))
         n_test = max(1, int(round(self.test_fraction * len(x))))
         self.train = torch.from_numpy(x[perm[n_test:]].copy())
         self.test = torch.from_numpy(x[perm[:n_test]].copy())
+        # class labels: only the offline FID feature network uses them (never the methods)
+        self.train_labels = torch.from_numpy(y[perm[n_test:]].copy())
+        self.test_labels = torch.from_numpy(y[perm[:n_test]].copy())
         self.check_event_shape(self.name)
 
     def fresh(self, n: int, seed: int, reference: str = "train") -> torch.Tensor:

@@ -42,6 +42,7 @@ single-process resume is exact).
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -75,6 +76,8 @@ class SFTPG(FineTuneMethod):
     grad_clip: max gradient norm of the sampler (gamma; None = off).
     lr: ``{generator, critic, baseline}`` learning rates. optimizer: shared optimiser config.
     ema_decay: EMA of the fine-tuned sampler (0 = off, as in the paper).
+    log_prob_reduction: ``sum`` over the D dimensions (the paper's log-probability) or ``mean``
+        (divided by D: what the released image code does, a D-times smaller generator step).
     ddpm: the DDPM's hyper-parameters (filled in from ``init_from``; lets a checkpoint of this
         method be loaded without the DDPM file).
     """
@@ -97,9 +100,14 @@ class SFTPG(FineTuneMethod):
         lr: dict[str, float] | None = None,
         optimizer: dict[str, Any] | None = None,
         ema_decay: float = 0.0,
+        log_prob_reduction: str = "sum",
         ddpm: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
+        if log_prob_reduction not in ("sum", "mean"):
+            raise ValueError(
+                f"method.log_prob_reduction={log_prob_reduction!r}; expected 'sum' or 'mean'"
+            )
         if estimator not in ESTIMATORS:
             raise ValueError(f"method.estimator={estimator!r}; expected one of {ESTIMATORS}")
         if generator_batch != "all" and not (
@@ -208,7 +216,10 @@ class SFTPG(FineTuneMethod):
                 adv = self.critic(x_0[idx]).squeeze(-1) - self.baseline(
                     x_k[idx], k[idx] - 1
                 ).squeeze(-1)
-            loss = policy_gradient_loss(self.chain.log_prob(x_prev[idx], x_k[idx], k[idx]), adv)
+            log_prob = self.chain.log_prob(x_prev[idx], x_k[idx], k[idx])
+            if hp.log_prob_reduction == "mean":
+                log_prob = log_prob / math.prod(self.chain.event_shape)
+            loss = policy_gradient_loss(log_prob, adv)
             self.generator_update(opt_g, loss)
         return loss.detach()
 

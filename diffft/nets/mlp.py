@@ -20,6 +20,7 @@ ACTIVATIONS = {
     "relu": nn.ReLU,
     "silu": nn.SiLU,
     "leaky_relu": nn.LeakyReLU,
+    "leaky_relu_0.2": lambda: nn.LeakyReLU(0.2),  # DCGAN / IGEBM
     "tanh": nn.Tanh,
 }
 
