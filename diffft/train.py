@@ -266,9 +266,10 @@ def report(
     )
     (out / "summary.md").write_text(header + "\n\n" + table + "\n")
     (out / "summary.json").write_text(json.dumps(rows, indent=1))
+    n_shown = 5_000 if len(datamodule.event_shape) == 1 else 64  # a scatter, or a 8x8 grid
     with torch.no_grad():
         shown = {
-            name: s.sample(5_000, generator=torch.Generator(s.device).manual_seed(cfg.eval.seed))
+            name: s.sample(n_shown, generator=torch.Generator(s.device).manual_seed(cfg.eval.seed))
             for name, s in samplers.items()
         }
     datamodule.plot(shown, out / "samples.png")
