@@ -76,13 +76,17 @@ class ImageDataModule(InMemoryDataModule):
         if not 0 < test_fraction < 1:
             raise DataError(f"dataset.test_fraction={test_fraction}; expected 0 < f < 1")
         self.name, self.test_fraction, self.hflip = name, test_fraction, hflip
+        self._identity: dict[str, Any] | None = None
 
     def identity(self) -> dict[str, Any]:
-        """The dataset, its content hash, the split settings and seed."""
-        x, _ = load_digits_images()
-        digest = hashlib.sha1(x.tobytes()).hexdigest()[:16]
-        return {"name": self.name, "sha1": digest, "test_fraction": self.test_fraction,
-                "seed": self.seed}  # fmt: skip
+        """The dataset, its content hash, the split settings and seed (computed once: every
+        stage, floor and cache key asks for it)."""
+        if self._identity is None:
+            x, _ = load_digits_images()
+            digest = hashlib.sha1(x.tobytes()).hexdigest()[:16]
+            self._identity = {"name": self.name, "sha1": digest,
+                              "test_fraction": self.test_fraction, "seed": self.seed}  # fmt: skip
+        return self._identity
 
     def setup(self, stage: str | None = None) -> None:
         if self.train is not None:
