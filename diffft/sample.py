@@ -1,5 +1,7 @@
 """``python -m diffft.sample ckpt=PATH n=10000 [steps=T'] [solver=ddim|dpmpp2m] out=samples.npy``:
-write samples of a trained sampler as a plain ``.npy`` array ``[n, D]`` (float32).
+write samples of a trained sampler as a plain float32 ``.npy`` array of shape ``[n, *event_shape]``:
+``[n, D]`` for points, ``[n, C, H, W]`` in [-1, 1] for images. ``out=DIR/`` (a trailing slash or an
+existing folder) writes image samples as PNG files ``DIR/000000.png`` ... instead.
 
 Default: the checkpoint's own chain (a fine-tuned T'-step chain, or a DDPM's full chain).
 ``steps`` sub-samples a DDPM's chain (``subsample`` kind); ``solver`` runs a training-free
@@ -61,14 +63,41 @@ def sample_checkpoint(
     return x.cpu().numpy().astype(np.float32)
 
 
+def write_pngs(x: np.ndarray, folder: str | Path) -> list[Path]:
+    """Image samples ``[n, C, H, W]`` in [-1, 1] as 8-bit PNGs ``folder/000000.png`` ...
+    (C = 1 grey, C = 3 RGB)."""
+    if x.ndim != 4 or x.shape[1] not in (1, 3):
+        raise ValueError(
+            f"out=DIR/ writes images [n, 1|3, H, W]; these samples have shape {list(x.shape)}: "
+            "write them to a .npy file instead (out=samples.npy)"
+        )
+    from PIL import Image
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    pixels = np.round((np.clip(x, -1.0, 1.0) + 1.0) * 127.5).astype(np.uint8)
+    paths = []
+    for i, img in enumerate(pixels):
+        img = img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0)
+        paths.append(folder / f"{i:06d}.png")
+        Image.fromarray(img).save(paths[-1])
+    return paths
+
+
 @hydra.main(version_base="1.3", config_path="pkg://diffft.conf", config_name="sample")
 def main(cfg: DictConfig) -> None:
     torch.set_num_threads(cfg.threads)
+    out = str(cfg.out)
+    as_pngs = out.endswith(("/", "\\")) or Path(out).is_dir()
     x = sample_checkpoint(
         cfg.ckpt, cfg.n, cfg.steps, cfg.subsample, cfg.seed, cfg.solver, cfg.batch_size
     )
-    np.save(cfg.out, x)
-    print(f"wrote {x.shape[0]} samples of dimension {x.shape[1]} to {cfg.out}")
+    if as_pngs:
+        write_pngs(x, out)
+        print(f"wrote {x.shape[0]} PNG images of shape {list(x.shape[1:])} to {out}")
+    else:
+        np.save(out, x)
+        print(f"wrote {x.shape[0]} samples of shape {list(x.shape[1:])} to {out}")
 
 
 if __name__ == "__main__":

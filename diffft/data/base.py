@@ -138,6 +138,16 @@ class InMemoryDataModule(L.LightningDataModule):
     def fresh(self, n: int, seed: int, reference: str = "train") -> torch.Tensor:
         raise NotImplementedError
 
+    def resample_other_split(self, n: int, seed: int, reference: str = "train") -> torch.Tensor:
+        """``n`` rows of the split that is not ``reference`` (without replacement when it has
+        ``n``, else with): real data independent of ``reference`` for a finite dataset."""
+        self.setup()
+        pool = self.test if reference == "train" else self.train
+        g = torch.Generator().manual_seed(seed)
+        if pool.shape[0] >= n:
+            return pool[torch.randperm(pool.shape[0], generator=g)[:n]]
+        return pool[torch.randint(0, pool.shape[0], (n,), generator=g)]
+
     def plot(self, samples: dict[str, torch.Tensor], path: str | Path) -> Path:
         raise NotImplementedError
 

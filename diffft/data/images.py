@@ -104,12 +104,7 @@ class ImageDataModule(InMemoryDataModule):
     def fresh(self, n: int, seed: int, reference: str = "train") -> torch.Tensor:
         """``n`` real images independent of the ``reference`` split: the other split resampled
         (without replacement when it is large enough)."""
-        self.setup()
-        pool = self.test if reference == "train" else self.train
-        g = torch.Generator().manual_seed(seed)
-        if pool.shape[0] >= n:
-            return pool[torch.randperm(pool.shape[0], generator=g)[:n]]
-        return pool[torch.randint(0, pool.shape[0], (n,), generator=g)]
+        return self.resample_other_split(n, seed, reference)
 
     def plot(self, samples: dict[str, torch.Tensor], path: str | Path) -> Path:
         """A grid of each row's first 64 samples, beside real training images."""

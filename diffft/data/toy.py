@@ -178,8 +178,4 @@ class ToyDataModule(InMemoryDataModule):
         self.setup()
         if self.name != "points_file":
             return torch.as_tensor(GENERATORS[self.name](n, 2_000_000 + seed), dtype=torch.float32)
-        pool = self.test if reference == "train" else self.train
-        g = torch.Generator().manual_seed(seed)
-        if pool.shape[0] >= n:
-            return pool[torch.randperm(pool.shape[0], generator=g)[:n]]
-        return pool[torch.randint(0, pool.shape[0], (n,), generator=g)]
+        return self.resample_other_split(n, seed, reference)

@@ -5,7 +5,10 @@
   nearest upsampling with skip connections) for 8x8 digits and 28x28 MNIST.
 * ``DiffusersUNet``: diffusers' ``UNet2DModel`` as a backbone, built from config keys (e.g. the
   DDPM CIFAR-10 architecture, ``conf/backbone/ddpm_cifar10.yaml``) or loaded from a local
-  ``save_pretrained`` folder (``path=DIR``; never the hub: the load is local-files-only).
+  ``save_pretrained`` folder (``path=DIR``; never the hub: the load is local-files-only), or
+  built from config keys and loaded from an original ``pytorch_diffusion`` / DDIM-format
+  checkpoint (``pytorch_diffusion=FILE``, the format the SFT-PG and DxMI code start from; keys
+  mapped by ``from_pytorch_diffusion``).
 
 Both take the network's own integer time index ``t`` (0..n_steps-1); the sinusoidal features are
 scaled so that any ``n_steps`` spans the DDPM's [0, 1000).
@@ -15,7 +18,8 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -122,14 +126,117 @@ class UNet(nn.Module):
         return self.out(h)
 
 
+# Module names of diffusers' UNet2DModel -> the original DDPM code (pesser/pytorch_diffusion, also
+# ermongroup/ddim and the SFT-PG / DxMI releases). Up levels are numbered from the top resolution
+# there (``up.insert(0, ...)``) and from the bottom in diffusers: up_blocks.k = up.{L-1-k}.
+_BLOCK_PARTS = {"time_emb_proj": "temb_proj", "conv_shortcut": "nin_shortcut"}
+_ATTN_PARTS = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+
+
+def _pytorch_diffusion_name(key: str, levels: int) -> str:
+    fixed = {
+        "time_embedding.linear_1": "temb.dense.0",
+        "time_embedding.linear_2": "temb.dense.1",
+        "conv_norm_out": "norm_out",
+        "mid_block.resnets.0": "mid.block_1",
+        "mid_block.resnets.1": "mid.block_2",
+        "mid_block.attentions.0": "mid.attn_1",
+    }
+    for new, old in fixed.items():
+        if key.startswith(new + "."):
+            key = old + key[len(new) :]
+            break
+    m = re.match(r"(down|up)_blocks\.(\d+)\.(resnets|attentions|\w+samplers)\.(\d+)\.", key)
+    if m:
+        side, level, kind, j = m.group(1), int(m.group(2)), m.group(3), m.group(4)
+        level = level if side == "down" else levels - 1 - level
+        head = {"resnets": f"block.{j}", "attentions": f"attn.{j}"}.get(
+            kind, "downsample" if kind == "downsamplers" else "upsample"
+        )
+        key = f"{side}.{level}.{head}." + key[m.end() :]
+    for new, old in {**_BLOCK_PARTS, **_ATTN_PARTS}.items():
+        key = re.sub(rf"\.{re.escape(new)}\.(weight|bias)$", rf".{old}.\1", key)
+    return key
+
+
+def from_pytorch_diffusion(
+    state: Mapping[str, torch.Tensor], unet: nn.Module
+) -> dict[str, torch.Tensor]:
+    """A ``pytorch_diffusion``-format state dict as the state dict of the diffusers
+    ``UNet2DModel`` ``unet`` (same architecture), strictly: every key of either side must be
+    matched, else a ``KeyError`` names the missing and unexpected keys. Attention projections
+    (1x1 convolutions there, linear layers here) are reshaped; a ``module.`` prefix (from
+    ``DataParallel``) is dropped."""
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    target = unet.state_dict()
+    levels = len(unet.config.block_out_channels)
+    names = {k: _pytorch_diffusion_name(k, levels) for k in target}
+    missing = sorted(o for o in names.values() if o not in state)
+    unexpected = sorted(set(state) - set(names.values()))
+    if missing or unexpected:
+        raise KeyError(
+            "pytorch_diffusion checkpoint does not match the configured UNet2DModel: "
+            f"missing {missing[:8]}{' ...' if len(missing) > 8 else ''} ({len(missing)}), "
+            f"unexpected {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''} "
+            f"({len(unexpected)}); check block_out_channels / layers_per_block / the attention "
+            "blocks against the checkpoint's ch, ch_mult, num_res_blocks, attn_resolutions"
+        )
+    out = {}
+    for key, old in names.items():
+        value = state[old]
+        if value.shape != target[key].shape:
+            if value.numel() != target[key].numel():
+                raise KeyError(
+                    f"pytorch_diffusion key {old}: shape {list(value.shape)}, the UNet's "
+                    f"{key} has {list(target[key].shape)}"
+                )
+            value = value.reshape(target[key].shape)
+        out[key] = value
+    return out
+
+
+def to_pytorch_diffusion(unet: nn.Module) -> dict[str, torch.Tensor]:
+    """The inverse of ``from_pytorch_diffusion``: ``unet``'s weights under the original names
+    (attention projections as 1x1 convolutions)."""
+    levels = len(unet.config.block_out_channels)
+    out = {}
+    for key, value in unet.state_dict().items():
+        old = _pytorch_diffusion_name(key, levels)
+        is_attn_proj = value.ndim == 2 and re.search(r"\.(q|k|v|proj_out)\.weight$", old)
+        out[old] = value[:, :, None, None] if is_attn_proj else value
+    return out
+
+
+def load_pytorch_diffusion(path: str | Path, unet: nn.Module) -> None:
+    """Load an original DDPM checkpoint file (a state dict, or the DDIM code's list whose first
+    item is one) into ``unet``."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise FileNotFoundError(
+            f"backbone.pytorch_diffusion='{file}': no such checkpoint file (e.g. the "
+            "pytorch_diffusion 'model-790000.ckpt' of DDPM CIFAR-10, downloaded beforehand)"
+        )
+    state = torch.load(file, map_location="cpu", weights_only=True)
+    if isinstance(state, (list, tuple)):
+        state = state[0]
+    unet.load_state_dict(from_pytorch_diffusion(state, unet), strict=True)
+
+
 class DiffusersUNet(nn.Module):
     """diffusers' ``UNet2DModel`` as an eps-network: built from ``config`` (``UNet2DModel``
     keyword arguments; ``sample_size``, ``in_channels`` and ``out_channels`` come from the data)
     or loaded from a local ``save_pretrained`` folder ``path`` (no hub access: local files only,
-    ``HF_HUB_OFFLINE=1``). The model's own ``num_train_timesteps`` should be ``n_steps``."""
+    ``HF_HUB_OFFLINE=1``), or built from ``config`` and loaded from an original
+    ``pytorch_diffusion``-format checkpoint file. The model's own ``num_train_timesteps`` should be
+    ``n_steps``."""
 
     def __init__(
-        self, event_shape: Sequence[int], n_steps: int, path: str | None = None, **config
+        self,
+        event_shape: Sequence[int],
+        n_steps: int,
+        path: str | None = None,
+        pytorch_diffusion: str | None = None,
+        **config,
     ) -> None:
         super().__init__()
         from diffusers import UNet2DModel
@@ -137,6 +244,11 @@ class DiffusersUNet(nn.Module):
         shape = as_shape(event_shape)
         if len(shape) != 3:
             raise ValueError(f"DiffusersUNet needs images [C, H, W], got {list(shape)}")
+        if path and pytorch_diffusion:
+            raise ValueError(
+                "backbone.path and backbone.pytorch_diffusion are both set: give one (a diffusers "
+                "save_pretrained folder, or an original-format checkpoint file)"
+            )
         if path:
             folder = Path(path).expanduser()
             if not (folder / "config.json").is_file():
@@ -157,6 +269,8 @@ class DiffusersUNet(nn.Module):
         else:
             c, h, _ = shape
             self.net = UNet2DModel(sample_size=h, in_channels=c, out_channels=c, **config)
+            if pytorch_diffusion:
+                load_pytorch_diffusion(pytorch_diffusion, self.net)
         self.n_steps = n_steps
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
