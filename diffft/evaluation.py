@@ -81,6 +81,11 @@ METRICS: dict[str, Metric] = {
     # Images: FID / KID of the samples vs the test split on eval.features.
     "fid": Metric(_image("fid"), "test", 1.0, "FID vs test ({features})", "images"),
     "kid": Metric(_image("kid"), "test", 1.0, "KID vs test ({features})", "images"),
+    # Improved precision / recall (k = 3) vs test on the same extractor: higher is better.
+    "precision": Metric(
+        _image("precision"), "test", 1.0, "precision vs test ({features})", "images", "max"
+    ),
+    "recall": Metric(_image("recall"), "test", 1.0, "recall vs test ({features})", "images", "max"),
 }
 # Points of the real sample the "auc" floor's KDE is fitted to, and its draws (a 10K x 20K KDE
 # evaluation takes ~6 s).

@@ -52,15 +52,18 @@ _NOT_IN_CACHE_KEY = (
     "hydra",
     "progress_refresh_rate",
 )
-_NOT_IN_CACHE_KEY_TRAINER = ("enable_progress_bar", "devices", "num_nodes", "strategy")
+_NOT_IN_CACHE_KEY_TRAINER = (
+    "enable_progress_bar", "devices", "num_nodes", "strategy", "use_distributed_sampler",
+)  # fmt: skip
 # Carried from the run into every stage (unless the stage's overrides set them).
 _CARRIED_NODES = ("dataset", "backbone")
 # Precision stays the stage's own (fp32 by default): a cached pretraining is then shared by runs
 # of any precision, and a "-true" half precision would round the DDPM's float64 schedule.
 _CARRIED_TRAINER_KEYS = ("accelerator",)
 # Dataset keys that do not change the training data: where a file lies (its content hash is in
-# the identity), the test split's size and the metrics (evaluation only).
-_NOT_TRAINING_DATA = ("path", "n_test", "metrics")
+# the identity; root: an image dataset's folder), the test split's size, the metrics (evaluation
+# only) and loader workers.
+_NOT_TRAINING_DATA = ("path", "root", "n_test", "metrics", "num_workers")
 _STAGE_OWN_DATA_KEYS = ("batch_size",)
 # The evaluation settings a stage's summary row must share with the run to be reused.
 EVAL_KEYS = ("n", "draws", "seed", "w2_points", "features", "inception_weights", "metrics")

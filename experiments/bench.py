@@ -291,6 +291,8 @@ def sft_pg_method(
         ],
     )
     pre = compose("train", overrides=list(cfg.pretrain.overrides))
+    for c in (cfg, pre):
+        dtrain.resolve_data(c)  # dataset.event_shape, which the networks are built for
     method_cfg = OmegaConf.to_container(cfg.method, resolve=True)
     method_cfg["ddpm"] = OmegaConf.to_container(pre.method, resolve=True)
     method_cfg["ddpm"].pop("_target_")
@@ -659,6 +661,55 @@ def bench_ddp(tmp: Path, quick: bool) -> list[str]:
     return lines
 
 
+def bench_images(tmp: Path, quick: bool) -> list[str]:
+    """Digits (8x8, the 0.46M-parameter UNet, untrained weights: speed only), the threads of the
+    digits experiments: samples/s of the full T = 1000 chain against the T' = 10 / 4 chains that
+    fine-tuning is for, and ms (images/s of training data) per iteration of SFT-PG and DxMI."""
+    cfg = compose("train", overrides=[f"paths.output_dir={tmp}/img", "experiment=digits_ddpm"])
+    torch.set_num_threads(cfg.threads)
+    dtrain.resolve_data(cfg)
+    method = instantiate(
+        OmegaConf.to_container(cfg.method, resolve=True), _recursive_=False, _convert_="all"
+    ).eval()
+    n = 64 if quick else 256
+    chains = {"T=1000 (full chain)": method.eval_chain}
+    for steps in (10, 4):
+        chains[f"T'={steps} (fastdpm_var)"] = method.short_chain(steps, "fastdpm_var")
+    lines = [
+        f"Images: digits 8x8, UNet {sum(p.numel() for p in method.parameters()) / 1e6:.2f}M "
+        f"parameters, {cfg.threads} threads, {n} samples per call:",
+        "",
+        "  chain                  s per call  samples/s  speed-up",
+    ]
+    rates = {}
+    for name, chain in chains.items():
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            chain.sample(8, generator=g)  # warm-up
+            t = time.perf_counter()
+            chain.sample(n, generator=g)
+        rates[name] = n / (time.perf_counter() - t)
+        full = rates["T=1000 (full chain)"]
+        lines.append(
+            f"  {name:22} {n / rates[name]:10.2f}  {rates[name]:9.1f}  {rates[name] / full:7.0f}x"
+        )
+    lines += ["", "  fine-tuning iteration (one Lightning batch of 64 training images):"]
+    iters = 20 if quick else 100
+    for name, experiment in (("SFT-PG", "digits_sft_pg"), ("DxMI", "digits_dxmi")):
+        ms = diffft_sft_pg_ms(tmp, iters, experiment)
+        lines.append(
+            f"  {name:7} T'=10: {ms:8.1f} ms per iteration, {64 / ms * 1e3:7.1f} training images/s"
+            f" ({iters} iterations)"
+        )
+    short = rates["T'=10 (fastdpm_var)"]
+    lines += [
+        "",
+        f"Images: T'=10 samples {short / full:.0f}x faster than T=1000 "
+        f"({short:.0f} vs {full:.1f} samples/s)",
+    ]
+    return lines
+
+
 def machine() -> str:
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     return (
@@ -672,7 +723,7 @@ def machine() -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="a few hundred steps, one quality cap")
-    parts = ("step", "quality", "sft_step", "sft_e2e", "dxmi_step", "ddp", "all")
+    parts = ("step", "quality", "sft_step", "sft_e2e", "dxmi_step", "ddp", "images", "all")
     p.add_argument("--part", choices=parts, default="all")
     p.add_argument("--no-bar", action="store_true", help="skip the progress-bar variant")
     args = p.parse_args()
@@ -705,6 +756,10 @@ def main() -> None:
             lines += [*out, ""]
         if args.part in ("dxmi_step", "all"):
             out = bench_dxmi_step(tmp, 200 if args.quick else 1500, repeats)
+            print("\n" + "\n".join(out), flush=True)
+            lines += [*out, ""]
+        if args.part in ("images", "all"):
+            out = bench_images(tmp, args.quick)
             print("\n" + "\n".join(out), flush=True)
             lines += [*out, ""]
         if args.part in ("ddp", "all"):

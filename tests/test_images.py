@@ -158,6 +158,19 @@ def test_offline_fid_is_zero_for_a_set_against_itself_and_grows_with_noise(tmp_p
     assert len(list((tmp_path / "features").glob("digits-*.pt"))) == 1  # cached per dataset
     kid = [image_metric("kid", x, real, "offline", dm, tmp_path) for x in (dm.train, noisy[1])]
     assert kid[0] < kid[1]
+    # Precision / recall: 1 against itself; noise lowers precision; dropping half the classes
+    # (train images of digits 0-4 only) lowers recall and keeps precision.
+    pr = {
+        name: image_metric(name, real, real, "offline", dm, tmp_path)
+        for name in ("precision", "recall")
+    }
+    assert pr == {"precision": 1.0, "recall": 1.0}
+    precision = [image_metric("precision", x, real, "offline", dm, tmp_path) for x in noisy]
+    assert 1.0 > precision[0] > precision[1]  # measured 0.997, 0.73
+    half = dm.train[dm.train_labels < 5]
+    train_recall = image_metric("recall", dm.train, real, "offline", dm, tmp_path)
+    assert image_metric("recall", half, real, "offline", dm, tmp_path) < train_recall - 0.2
+    assert image_metric("precision", half, real, "offline", dm, tmp_path) > 0.85  # 0.93
 
 
 def test_missing_inception_weights_name_the_key(tmp_path):

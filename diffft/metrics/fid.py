@@ -1,4 +1,5 @@
-"""FID and KID of image samples through torchmetrics, on a configured feature network.
+"""FID and KID (torchmetrics) and precision / recall (torch-fidelity) of image samples, on a
+configured feature network.
 
 Two feature extractors (``eval.features``), and every reported number names its extractor:
 
@@ -171,10 +172,16 @@ def image_metric(
     kid_subset: int = 100,
     seed: int = 0,
 ) -> float:
-    """``fid`` or ``kid`` (the mean over subsets) of ``fake`` against ``real`` images; KID's
-    random subsets are drawn with ``seed``."""
+    """``fid``, ``kid`` (the mean over subsets), ``precision`` or ``recall`` (Kynkaanniemi et
+    al. 2019, k = 3, through torch-fidelity) of ``fake`` against ``real`` images; KID's random
+    subsets are drawn with ``seed``."""
     from torchmetrics.image.fid import FrechetInceptionDistance
     from torchmetrics.image.kid import KernelInceptionDistance
+
+    if kind in ("precision", "recall"):
+        return precision_recall(fake, real, features, datamodule, cache_dir, inception_weights)[
+            kind
+        ]
 
     if features == "offline":
         net: Any = offline_extractor(datamodule, cache_dir)
@@ -187,13 +194,13 @@ def image_metric(
         prep = _to_unit
     else:
         raise ValueError(f"eval.features={features!r}; expected 'offline' or 'inception'")
-    if kind == "fid":
-        metric = FrechetInceptionDistance(**kwargs)
-    else:
-        n = min(fake.shape[0], real.shape[0])
-        metric = KernelInceptionDistance(subset_size=min(kid_subset, n), **kwargs)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*will save all extracted features")
+        if kind == "fid":
+            metric = FrechetInceptionDistance(**kwargs)
+        else:
+            n = min(fake.shape[0], real.shape[0])
+            metric = KernelInceptionDistance(subset_size=min(kid_subset, n), **kwargs)
         for x, is_real in ((real, True), (fake, False)):
             for i in range(0, x.shape[0], 1000):
                 metric.update(prep(x[i : i + 1000]), real=is_real)
@@ -201,3 +208,53 @@ def image_metric(
             torch.manual_seed(seed)
             value = metric.compute()
     return float(value[0] if isinstance(value, tuple) else value)
+
+
+def image_features(
+    x: torch.Tensor,
+    features: str,
+    datamodule: Any,
+    cache_dir: str | Path | None,
+    inception_weights: str | None = None,
+) -> torch.Tensor:
+    """``[n, d]`` features of [-1, 1] images on the configured extractor (the same networks
+    the FID / KID above use)."""
+    if features == "offline":
+        net: Any = offline_extractor(datamodule, cache_dir)
+        prep = lambda b: b.float()  # noqa: E731
+    elif features == "inception":
+        from torchmetrics.image.fid import NoTrainInceptionV3
+
+        path = str(Path(inception_weights).expanduser()) if inception_weights else None
+        inception_extractor(path)
+        net = NoTrainInceptionV3(
+            name="inception-v3-compat", features_list=["2048"], feature_extractor_weights_path=path
+        )
+        prep = lambda b: (_to_unit(b) * 255).round().to(torch.uint8)  # noqa: E731
+    else:
+        raise ValueError(f"eval.features={features!r}; expected 'offline' or 'inception'")
+    with torch.no_grad():
+        return torch.cat([net(prep(x[i : i + 1000])).float() for i in range(0, x.shape[0], 1000)])
+
+
+def precision_recall(
+    fake: torch.Tensor,
+    real: torch.Tensor,
+    features: str,
+    datamodule: Any,
+    cache_dir: str | Path | None,
+    inception_weights: str | None = None,
+    neighborhood: int = 3,
+) -> dict[str, float]:
+    """Improved precision and recall (k-NN balls in feature space) of ``fake`` vs ``real``:
+    ``torch_fidelity.metric_prc`` on our extractor's features (deterministic: no sampling)."""
+    from torch_fidelity.metric_prc import prc_features_to_metric
+
+    f_fake, f_real = (
+        image_features(x, features, datamodule, cache_dir, inception_weights) for x in (fake, real)
+    )
+    out = prc_features_to_metric(
+        f_fake, f_real, prc_neighborhood=neighborhood, prc_batch_size=10_000,
+        save_cpu_ram=True, verbose=False,
+    )  # fmt: skip
+    return {"precision": float(out["precision"]), "recall": float(out["recall"])}
