@@ -119,7 +119,7 @@ def test_generator_minibatches_are_full_when_steps_exceed_the_buffer():
     )
     method.buffer = [method.chain.sample(2, return_trajectory=True).states]  # 8 transitions
     sizes = []
-    method.generator_update = lambda opt, loss: sizes.append(loss.shape)
+    method.accumulate = lambda opts, n, loss_of, chunk, part: loss_of(slice(0, n)).detach()
     log_prob = method.chain.log_prob
     method.chain.log_prob = lambda *a: sizes.append(a[0].shape[0]) or log_prob(*a)
     method.policy_gradient_steps(None, torch.Generator().manual_seed(0))

@@ -4,6 +4,7 @@ a guard against non-finite losses)."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib
 import inspect
@@ -200,6 +201,42 @@ class FineTuneMethod(SamplerMethod):
         """Consecutive slices of at most ``size`` of ``range(n)`` (None or 0: one slice)."""
         size = size or n
         return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+    def accumulate(
+        self,
+        opts: list[Any],
+        n: int,
+        loss_of: Callable[[slice], torch.Tensor],
+        chunk: int | None,
+        part: str,
+    ) -> torch.Tensor:
+        """One optimiser step of ``opts`` on a loss that is a mean over ``n`` items (transitions),
+        back-propagated chunk by chunk: ``loss_of(s)`` is the mean over the items of slice
+        ``s``; each chunk's backward is weighted by its share of ``n``, so the accumulated
+        gradient is the full loss's, and peak memory is about one chunk's graph (``chunk``
+        items; None: all at once).
+
+        Under DDP the backward passes of all chunks but the last run without the gradient
+        all-reduce (``no_sync``); the last one all-reduces the accumulated sum, so every rank
+        steps with the same averaged gradient (a per-chunk step, or a sync that skipped the
+        accumulated chunks, would let the ranks drift apart). The mean loss is checked for
+        non-finite values (``part`` names it) before the step."""
+        for opt in opts:
+            opt.zero_grad()
+        blocks = self.chunks(n, chunk)
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        no_sync = getattr(strategy, "block_backward_sync", None)
+        total = torch.zeros(())
+        for i, b in enumerate(blocks):
+            last = i == len(blocks) - 1
+            with contextlib.nullcontext() if last or no_sync is None else no_sync():
+                loss = loss_of(b) * ((b.stop - b.start) / n)
+                self.manual_backward(loss)
+            total = total.to(loss.device) + loss.detach()
+        self.check_finite(**{part: total})
+        for opt in opts:
+            opt.step()
+        return total
 
 
 class NonFiniteLossError(FloatingPointError):

@@ -118,6 +118,9 @@ class DxMI(FineTuneMethod):
         ``constant`` | ``cosine`` (every part, to 0 over the run's batches).
     grad_clip: max gradient norm of the sampler (mean and sigma; None = off).
     guidance: value-guidance lambdas reported as extra rows. ema_decay: EMA of the sampler.
+    grad_chunk: transitions per backward pass of the TD and sampler updates (None: all at
+        once); gradients accumulate over the chunks (``accumulate``): the same update in about
+        one chunk's memory (image rollouts).
     ddpm: the DDPM's hyper-parameters (filled in from ``init_from``).
     """
 
@@ -150,6 +153,7 @@ class DxMI(FineTuneMethod):
         grad_clip: float | None = None,
         guidance: list[float] | None = None,
         ema_decay: float = 0.0,
+        grad_chunk: int | None = None,
         ddpm: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
@@ -388,13 +392,17 @@ class DxMI(FineTuneMethod):
             blocks = [slice(None)]
         else:  # k = 1, ..., K: the paper's t = T-1, ..., 0
             blocks = self.chunks(x_k.shape[0], x_k.shape[0] // self.chain.steps)
-        for b in blocks:
-            with torch.no_grad():
-                target = self.value_fn(x_prev[b], k[b] - 1) + cost[b]
-            loss = td_loss(self.value_fn(x_k[b], k[b]), target)
-            self.check_finite(value=loss)
-            self._step([opt], loss)
-        return {"loss/td": loss.detach()}
+        for block in blocks:
+            idx = torch.arange(x_k.shape[0], device=x_k.device)[block]
+
+            def loss_of(b: slice, idx: torch.Tensor = idx) -> torch.Tensor:
+                i = idx[b]
+                with torch.no_grad():
+                    target = self.value_fn(x_prev[i], k[i] - 1) + cost[i]
+                return td_loss(self.value_fn(x_k[i], k[i]), target)
+
+            loss = self.accumulate([opt], idx.numel(), loss_of, self.hparams.grad_chunk, "value")
+        return {"loss/td": loss}
 
     def sampler_step(
         self, x_k: torch.Tensor, k: torch.Tensor, opts: list[Any], g: torch.Generator
@@ -406,18 +414,23 @@ class DxMI(FineTuneMethod):
         idx = torch.randperm(n, generator=g, device=x_k.device)[:m]
         x_k, k = x_k[idx], k[idx]
         noise = torch.randn(x_k.shape, generator=g, device=x_k.device)
-        x_new = self.chain.step(x_k, k, noise)
         D = math.prod(self.chain.event_shape)
-        sq = (x_k - x_new).flatten(1).square().sum(1)
-        entropy = entropy_cost(self.chain.log_sigma[k], D)
-        costs = running_cost(
-            entropy, sq, self.avr_s2[k], self.tau1, self.tau2, D, hp.running_cost_reduction
-        )
-        v_next = self.value_fn(x_new, k - 1)
-        loss = (v_next + costs).mean()
-        self.check_finite(sampler=loss)
-        self._step(opts, loss)
-        return {"loss/sampler": loss.detach(), "value/next": v_next.detach().mean()}
+        v_sum = torch.zeros((), device=x_k.device)
+
+        def loss_of(b: slice) -> torch.Tensor:
+            nonlocal v_sum
+            x_new = self.chain.step(x_k[b], k[b], noise[b])
+            sq = (x_k[b] - x_new).flatten(1).square().sum(1)
+            entropy = entropy_cost(self.chain.log_sigma[k[b]], D)
+            costs = running_cost(
+                entropy, sq, self.avr_s2[k[b]], self.tau1, self.tau2, D, hp.running_cost_reduction
+            )
+            v_next = self.value_fn(x_new, k[b] - 1)
+            v_sum = v_sum + v_next.detach().sum()
+            return (v_next + costs).mean()
+
+        loss = self.accumulate(opts, m, loss_of, hp.grad_chunk, "sampler")
+        return {"loss/sampler": loss, "value/next": v_sum / m}
 
     # -- evaluation ---------------------------------------------------------------------------
     @property

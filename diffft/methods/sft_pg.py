@@ -78,6 +78,9 @@ class SFTPG(FineTuneMethod):
     ema_decay: EMA of the fine-tuned sampler (0 = off, as in the paper).
     log_prob_reduction: ``sum`` over the D dimensions (the paper's log-probability) or ``mean``
         (divided by D: what the released image code does, a D-times smaller generator step).
+    grad_chunk: transitions per backward pass of a policy-gradient step (None: all at once);
+        gradients accumulate over the chunks (``accumulate``), so the same step takes about one
+        chunk's memory (image rollouts).
     ddpm: the DDPM's hyper-parameters (filled in from ``init_from``; lets a checkpoint of this
         method be loaded without the DDPM file).
     """
@@ -101,6 +104,7 @@ class SFTPG(FineTuneMethod):
         optimizer: dict[str, Any] | None = None,
         ema_decay: float = 0.0,
         log_prob_reduction: str = "sum",
+        grad_chunk: int | None = None,
         ddpm: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
@@ -212,16 +216,20 @@ class SFTPG(FineTuneMethod):
         order = torch.cat(perms)
         for j in range(hp.n_generator):
             idx = order[j * size : (j + 1) * size]
-            with torch.no_grad():
-                adv = self.critic(x_0[idx]).squeeze(-1) - self.baseline(
-                    x_k[idx], k[idx] - 1
-                ).squeeze(-1)
-            log_prob = self.chain.log_prob(x_prev[idx], x_k[idx], k[idx])
-            if hp.log_prob_reduction == "mean":
-                log_prob = log_prob / math.prod(self.chain.event_shape)
-            loss = policy_gradient_loss(log_prob, adv)
-            self.generator_update(opt_g, loss)
-        return loss.detach()
+
+            def loss_of(b: slice, idx: torch.Tensor = idx) -> torch.Tensor:
+                i = idx[b]
+                with torch.no_grad():
+                    adv = self.critic(x_0[i]).squeeze(-1) - self.baseline(x_k[i], k[i] - 1).squeeze(
+                        -1
+                    )
+                log_prob = self.chain.log_prob(x_prev[i], x_k[i], k[i])
+                if hp.log_prob_reduction == "mean":
+                    log_prob = log_prob / math.prod(self.chain.event_shape)
+                return policy_gradient_loss(log_prob, adv)
+
+            loss = self.accumulate([opt_g], idx.numel(), loss_of, hp.grad_chunk, "sampler")
+        return loss
 
     def pathwise_step(self, opt_g: Any, g: torch.Generator) -> torch.Tensor:
         """One reparameterised step (Eq. 14): back-propagate f(x_0) through every transition."""
