@@ -210,15 +210,14 @@ def image_metric(
     return float(value[0] if isinstance(value, tuple) else value)
 
 
-def image_features(
-    x: torch.Tensor,
+def feature_extractor(
     features: str,
     datamodule: Any,
     cache_dir: str | Path | None,
     inception_weights: str | None = None,
-) -> torch.Tensor:
-    """``[n, d]`` features of [-1, 1] images on the configured extractor (the same networks
-    the FID / KID above use)."""
+) -> Any:
+    """``x [-1, 1] images -> [n, d]`` features on the configured extractor (the networks the
+    FID / KID above use), built once for a whole comparison."""
     if features == "offline":
         net: Any = offline_extractor(datamodule, cache_dir)
         prep = lambda b: b.float()  # noqa: E731
@@ -233,8 +232,14 @@ def image_features(
         prep = lambda b: (_to_unit(b) * 255).round().to(torch.uint8)  # noqa: E731
     else:
         raise ValueError(f"eval.features={features!r}; expected 'offline' or 'inception'")
-    with torch.no_grad():
-        return torch.cat([net(prep(x[i : i + 1000])).float() for i in range(0, x.shape[0], 1000)])
+
+    def extract(x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return torch.cat(
+                [net(prep(x[i : i + 1000])).float() for i in range(0, x.shape[0], 1000)]
+            )
+
+    return extract
 
 
 def precision_recall(
@@ -250,9 +255,8 @@ def precision_recall(
     ``torch_fidelity.metric_prc`` on our extractor's features (deterministic: no sampling)."""
     from torch_fidelity.metric_prc import prc_features_to_metric
 
-    f_fake, f_real = (
-        image_features(x, features, datamodule, cache_dir, inception_weights) for x in (fake, real)
-    )
+    extract = feature_extractor(features, datamodule, cache_dir, inception_weights)
+    f_fake, f_real = extract(fake), extract(real)  # one extractor (Inception loads once)
     out = prc_features_to_metric(
         f_fake, f_real, prc_neighborhood=neighborhood, prc_batch_size=10_000,
         save_cpu_ram=True, verbose=False,
