@@ -184,6 +184,9 @@ def fit_and_report(
             )
         method_kwargs["init_from"] = cached_stage(cfg, list(cfg.pretrain.overrides))
         L.seed_everything(cfg.seed, workers=True, verbose=False)
+    if needs_encoder_stage(cfg):
+        method_kwargs["encoder_from"] = cached_stage(cfg, list(cfg.encoder_stage.overrides))
+        L.seed_everything(cfg.seed, workers=True, verbose=False)
 
     # Plain containers: the hyper-parameters in a checkpoint then load with weights_only=True.
     method_cfg = OmegaConf.to_container(cfg.method, resolve=True)
@@ -217,6 +220,22 @@ def fit_and_report(
             proc.wait()
 
 
+def needs_encoder_stage(cfg: DictConfig) -> bool:
+    """Whether the method wants the encoder stage's checkpoint (the contrastive chain with
+    ``method.encoder=trained|random`` and an empty ``method.encoder_from``)."""
+    if "encoder_from" not in cfg.method or cfg.method.encoder_from:
+        return False
+    if cfg.method.get("encoder") not in ("trained", "random"):
+        return False
+    if not cfg.get("encoder_stage") or not cfg.encoder_stage.overrides:
+        raise ValueError(
+            "method.encoder_from is empty and no encoder stage is configured; set "
+            "method.encoder_from=PATH/last.ckpt (a checkpoint of python -m diffft.train_encoder) "
+            "or encoder_stage.overrides"
+        )
+    return True
+
+
 def report(
     cfg: DictConfig,
     method: Any,
@@ -229,6 +248,12 @@ def report(
     the floor; print and save the table and a scatter plot."""
     method.eval()
     samplers = dict(method.samplers())
+    if not samplers:  # e.g. an encoder run: nothing samples, so there is no table to make
+        note = f"{cfg.task_name}: this method has no sampler rows; nothing to evaluate"
+        (out / "summary.md").write_text(note + "\n")
+        (out / "summary.json").write_text("{}")
+        print(f"\n{note}\n\noutputs: {out}\n", flush=True)
+        return {}
     # Extra rows: other models (e.g. the full-chain DDPM, a strong-schedule baseline), each
     # trained once by its own cached stage. A null entry removes a row an experiment inherited.
     stage_rows: dict[str, dict[str, list[float]] | None] = {}

@@ -86,6 +86,20 @@ def _assert_same(a, b, where=""):
                 "eval.metrics=[sw]",
             ],
         ),
+        # BPTT through a checkpointed chain under DDP (automatic optimisation)
+        (
+            "eight_gaussians_contrastive",
+            [
+                "trainer.max_steps=-1",
+                "trainer.max_epochs=2",
+                "method.n_chains=16",
+                "method.train_steps=6",
+                "method.sampler.steps=3",
+                "eval.metrics=[sw]",
+                "eval.compare=null",
+                "eval.solvers=null",
+            ],
+        ),
     ],
 )
 def test_two_process_ddp_keeps_parameters_identical_and_draws_differ(

@@ -80,6 +80,18 @@ RESUME_CASES = {
         ],
         21,
     ),
+    # 16 batches per epoch; the rollout with gradients (checkpointed) of every batch.
+    "contrastive": (
+        [
+            "experiment=eight_gaussians_contrastive",
+            "dataset.batch_size=64",
+            "trainer.max_steps=12",
+            "method.n_chains=16",
+            "method.train_steps=6",
+            "method.sampler.steps=3",
+        ],
+        7,
+    ),
 }
 
 

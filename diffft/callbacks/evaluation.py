@@ -51,6 +51,8 @@ class PeriodicEvaluation(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, *args: Any) -> None:
         done = pl_module.batches_done  # the method's own counter (restored on resume)
+        if not getattr(pl_module, "samples", True):  # e.g. an encoder: nothing to evaluate
+            return
         if self.every > 0 and done % self.every == 0:
             now = time.perf_counter()
             self.elapsed += now - self._start

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from diffft.diffusion.sampler import in_batches
@@ -198,6 +199,8 @@ class GaussianChain(nn.Module):
         batch_size: int | None = None,
         guide: Callable[[torch.Tensor, int], torch.Tensor] | None = None,
         return_noise: bool = False,
+        checkpoint: bool = False,
+        window: int | None = None,
     ) -> torch.Tensor | Trajectory:
         """Run the chain from ``x_K ~ N(0, I)`` to ``x_0`` (the ``Sampler`` protocol).
 
@@ -206,7 +209,19 @@ class GaussianChain(nn.Module):
         every step (pathwise / BPTT gradients). ``batch_size`` bounds the memory of a large
         ``n`` (samples only). ``guide(x_{k-1}, k - 1)`` returns a corrected state after each step
         (DxMI's value guidance). ``return_noise`` keeps each step's noise in the trajectory.
+
+        Back-propagation through time (``grad=True``; the contrastive chain):
+
+        * ``checkpoint``: each step's activations are recomputed in the backward pass instead of
+          kept (``torch.utils.checkpoint``, per step): the graph then holds only the K + 1
+          states, the same gradients for about one more forward pass.
+        * ``window``: truncated BPTT. The chain's state is detached every ``window`` steps
+          (before steps K, K - window, ...), so a gradient flows back through at most
+          ``window`` transitions: ``window=1`` gives each state the gradient of its own last
+          transition only (no BPTT); None: through the whole chain.
         """
+        if window is not None and window < 1:
+            raise ValueError(f"window={window}: expected an int >= 1 or None (no truncation)")
         if batch_size and batch_size < n and not return_trajectory and x_K is None:
             draw = lambda m: self.sample(m, generator, grad=grad, guide=guide)  # noqa: E731
             return in_batches(n, batch_size, draw)
@@ -219,7 +234,14 @@ class GaussianChain(nn.Module):
                 kk = torch.full((n,), k, dtype=torch.long, device=device)
                 noise = torch.randn(shape, generator=generator, device=device)
                 noises.append(noise)
-                x = self.step(x, kk, noise)
+                if window is not None and (self.steps - k) % window == 0:
+                    x = x.detach()
+                if checkpoint and grad:
+                    x = torch.utils.checkpoint.checkpoint(
+                        self.step, x, kk, noise, use_reentrant=False
+                    )
+                else:
+                    x = self.step(x, kk, noise)
                 if guide is not None:
                     x = guide(x, k - 1)
                 states.append(x)

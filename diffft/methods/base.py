@@ -44,6 +44,8 @@ class SamplerMethod(L.LightningModule):
     seed: int = 0
     batches_done: int = 0
     _generator: torch.Generator | None = None
+    # False for a method without a sampler (an encoder): no periodic evaluation, no table.
+    samples: bool = True
 
     def init_ema(self, decay: float) -> None:
         if not 0.0 <= decay < 1.0:
@@ -184,9 +186,24 @@ class FineTuneMethod(SamplerMethod):
             ddpm = self.ddpm_from_hparams(ddpm_hparams)
         steps, kind = sampler.pop("steps"), sampler.pop("subsample", "none")
         self.chain = ddpm.short_chain(steps, kind, **sampler)
+        # What chain_like needs: the DDPM's float64 betas (from its hyper-parameters) and
+        # the chain's kwargs.
+        self.ddpm_betas = ddpm.betas.detach().clone()
+        self._chain_spec = (kind, {**(ddpm.hparams.get("sampler") or {}), **sampler})
         self.init_chain = copy.deepcopy(self.chain).requires_grad_(False)
         self.register_buffer("iteration", torch.zeros((), dtype=torch.long))
         return self.chain
+
+    def chain_like(self, steps: int) -> GaussianChain:
+        """A ``steps``-step chain on the same eps-network as ``self.chain`` (shared parameters)
+        and with the same kwargs and sub-sampling kind, e.g. a longer training chain."""
+        from diffft.diffusion.schedules import subsample
+
+        kind, kwargs = self._chain_spec
+        kwargs = dict(kwargs)
+        schedule = subsample(self.ddpm_betas, steps, kind, kwargs.pop("spacing", "linear"))
+        chain = GaussianChain(self.chain.eps_net, schedule, self.chain.event_shape, **kwargs)
+        return chain.to(self.chain.device)
 
     @staticmethod
     def ddpm_from_hparams(hparams: dict[str, Any]) -> Any:
