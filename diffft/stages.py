@@ -52,6 +52,7 @@ _NOT_IN_CACHE_KEY = (
     "hydra",
     "progress_refresh_rate",
     "encoder_stage",  # which encoder a contrastive run would train: not this stage's concern
+    "requires",  # checks before a run, not what it trains
 )
 _NOT_IN_CACHE_KEY_TRAINER = (
     "enable_progress_bar", "devices", "num_nodes", "strategy", "use_distributed_sampler",

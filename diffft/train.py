@@ -133,6 +133,7 @@ def effective_batch(cfg: DictConfig, world_size: int) -> dict[str, Any]:
 def train(cfg: DictConfig) -> dict[str, dict[str, list[float]]]:
     """Train and evaluate one run; returns ``{sampler or 'data floor': {metric: [values]}}``."""
     torch.set_num_threads(cfg.threads)
+    check_requires(cfg)
     datamodule = resolve_data(cfg)  # first: a bad path fails before any stage trains
     check_solvers(cfg)
     check_writable(cfg)
@@ -201,6 +202,10 @@ def fit_and_report(
     check_init_data(method, datamodule)
     trainer.fit(method, datamodule, ckpt_path=cfg.get("ckpt_path"))
     last = next(c for c in trainer.callbacks if isinstance(c, LastCheckpoint))
+    if trainer.max_steps == 0 and not last.path.is_file():
+        # A 0-step run (e.g. released weights as a pretrain stage): Lightning skipped the loop
+        # and its hooks, so the checkpoint is written here.
+        trainer.save_checkpoint(last.path)
     if dist.is_available() and dist.is_initialized():
         # The evaluation below and any compare stage it trains run outside the process group
         # (a stage inside it would see a shard of the data); the other ranks stop here.
@@ -218,6 +223,20 @@ def fit_and_report(
     finally:
         for proc in background:  # normally finished: report() waited for their stage locks
             proc.wait()
+
+
+def check_requires(cfg: DictConfig) -> None:
+    """``requires``: each entry needs one of its ``keys`` set (not null), e.g. the released
+    weights of a CIFAR-10 fine-tuning experiment; else a one-line error names the keys."""
+    for name, spec in (cfg.get("requires") or {}).items():
+        if spec is None:
+            continue
+        keys = list(spec.get("keys") or [])
+        if keys and all(OmegaConf.select(cfg, k, default=None) is None for k in keys):
+            raise ValueError(
+                f"requires.{name}: this experiment needs {spec.get('why') or name}; set "
+                + " or ".join(f"{k}=..." for k in keys)
+            )
 
 
 def needs_encoder_stage(cfg: DictConfig) -> bool:

@@ -723,7 +723,9 @@ def machine() -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="a few hundred steps, one quality cap")
-    parts = ("step", "quality", "sft_step", "sft_e2e", "dxmi_step", "ddp", "images", "all")
+    parts = (
+        "step", "quality", "sft_step", "sft_e2e", "dxmi_step", "ddp", "images", "memory", "all",
+    )  # fmt: skip
     p.add_argument("--part", choices=parts, default="all")
     p.add_argument("--no-bar", action="store_true", help="skip the progress-bar variant")
     args = p.parse_args()
@@ -760,6 +762,13 @@ def main() -> None:
             lines += [*out, ""]
         if args.part in ("images", "all"):
             out = bench_images(tmp, args.quick)
+            print("\n" + "\n".join(out), flush=True)
+            lines += [*out, ""]
+        if args.part in ("memory", "all"):
+            sys.path.insert(0, str(Path(__file__).parent))
+            from memory import bench_memory  # one process per measurement (peak RSS)
+
+            out = bench_memory(threads=2)
             print("\n" + "\n".join(out), flush=True)
             lines += [*out, ""]
         if args.part in ("ddp", "all"):

@@ -22,6 +22,29 @@ EXTRA = {
     "digits_ddpm": ["method.schedule.steps=20", *_SMALL_IMAGE_EVAL],
     "digits_sft_pg": ["ddpm_steps=20", *_SMALL_IMAGE_EVAL],
     "digits_dxmi": ["ddpm_steps=20", *_SMALL_IMAGE_EVAL],
+    # The CIFAR-10 setups on the digits (no CIFAR-10 or released weights here): the wiring.
+    **{
+        f"cifar10_{m}": [
+            "dataset=digits",
+            "backbone=unet",
+            "requires.weights=null",  # (the digits' own pretrain stage stands in)
+            "eval.features=offline",
+            "eval.every_n_batches=2",
+            "pretrain.overrides=['experiment=cifar10_ddpm','trainer.max_steps=0',"
+            "'method.schedule.steps=20','method.eval_steps=[]','eval.every_n_batches=0',"
+            "'callbacks.model_checkpoint.monitor=null']",
+            *_SMALL_IMAGE_EVAL,
+        ]
+        for m in ("sft_pg", "dxmi")
+    },
+    "cifar10_ddpm": [
+        "dataset=digits",
+        "backbone=unet",
+        "method.schedule.steps=20",
+        "method.eval_steps=[]",
+        *_SMALL_IMAGE_EVAL,
+    ],
+    "digits_contrastive": ["ddpm_steps=20", "method.train_steps=4", *_SMALL_IMAGE_EVAL],
 }
 EXPERIMENTS = sorted(
     p.name.removesuffix(".yaml")
@@ -35,7 +58,7 @@ def test_every_experiment_composes_and_runs(experiment, make_cfg):
     cfg = make_cfg(f"experiment={experiment}", "debug=fast", *EXTRA.get(experiment, []))
     rows = train(cfg)
     out = Path(cfg.paths.output_dir)
-    if experiment == "encoder":  # no sampler: a checkpoint and a note, no table or plot
+    if experiment.endswith("encoder"):  # no sampler: a checkpoint and a note, no table or plot
         assert rows == {} and "no sampler rows" in (out / "summary.md").read_text()
         assert (out / "checkpoints/last.ckpt").is_file() and not (out / "samples.png").exists()
         return
@@ -193,3 +216,9 @@ def test_compare_stages_train_in_the_background(make_cfg, tmp_path):
     again = make_cfg(*common, f"paths.output_dir={tmp_path}/again")
     assert name in train(again)
     assert not (tmp_path / "again/compare_stage_0.log").exists()
+
+
+def test_a_cifar10_fine_tuning_run_without_the_released_weights_says_which_key(make_cfg):
+    cfg = make_cfg("experiment=cifar10_sft_pg", "debug=fast")
+    with pytest.raises(ValueError, match=r"backbone.pytorch_diffusion=\.\.\. or backbone.path="):
+        train(cfg)

@@ -66,6 +66,23 @@ class DCGANCritic(nn.Module):
         return self.head(self.body(x))
 
 
+class ConvEncoder(DCGANCritic):
+    """``DCGANCritic``'s body with an ``out_dim``-dimensional linear head: a feature encoder
+    (the contrastive chain's SimCLR encoder of images, ``diffft.methods.encoder``)."""
+
+    def __init__(
+        self,
+        event_shape: Sequence[int],
+        width: int = 64,
+        depth: int | None = None,
+        activation: str = "leaky_relu_0.2",
+        out_dim: int = 128,
+        max_width: int = 512,
+    ) -> None:
+        super().__init__(event_shape, width, depth, activation, 1, max_width)
+        self.head = nn.Linear(self.head.in_features, out_dim)
+
+
 class _Block(nn.Module):
     def __init__(self, c_in: int, c_out: int, activation: str) -> None:
         super().__init__()
