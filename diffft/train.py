@@ -293,6 +293,7 @@ def report(
         samplers[name] = stage_models[row_id][1].eval_chain
         stage_rows[name] = stage_row(stage_dir, cfg, theirs, ours)
     samplers.update(solver_rows(cfg, method, stage_models))
+    samplers.update(best_checkpoint_row(cfg, method, out))
     todo = [name for name in samplers if not stage_rows.get(name)]
     # Rows in parallel threads (torch and POT release the GIL; each row has its own seeded
     # generators, so the numbers do not change): ~40% less wall time on two cores.
@@ -323,6 +324,22 @@ def report(
         log_image(loggers or [], f"samples/{path.stem}", path, step=method.batches_done)
     print("\n" + header + "\n" + table + f"\n\noutputs: {out}\n", flush=True)
     return rows
+
+
+def best_checkpoint_row(cfg: DictConfig, method: Any, out: Path) -> dict[str, Sampler]:
+    """With ``eval.best_row``, the main sampler of ``checkpoints/best.ckpt`` (the best periodic
+    ``eval.monitor`` value, as both papers select their checkpoint) as an extra row, when it is
+    not the end of training. Its selection used the periodic evaluations against the same
+    reference data, so it is optimistic; the row's name says so."""
+    best = out / "checkpoints" / "best.ckpt"
+    if not cfg.eval.get("best_row") or not best.is_file():
+        return {}
+    chosen = load_method(str(best))
+    if chosen.batches_done == method.batches_done:
+        return {}
+    name, sampler = next(iter(chosen.eval().to(method.device).samplers().items()))
+    label = f"{name} (best.ckpt: best periodic {cfg.eval.monitor}, batch {chosen.batches_done})"
+    return {label: sampler}
 
 
 def solver_rows(

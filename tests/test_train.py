@@ -222,3 +222,22 @@ def test_a_cifar10_fine_tuning_run_without_the_released_weights_says_which_key(m
     cfg = make_cfg("experiment=cifar10_sft_pg", "debug=fast")
     with pytest.raises(ValueError, match=r"backbone.pytorch_diffusion=\.\.\. or backbone.path="):
         train(cfg)
+
+
+def test_the_best_checkpoint_is_a_row_of_its_own(make_cfg):
+    cfg = make_cfg(
+        "experiment=swiss_roll_ddpm",
+        "debug=fast",
+        "trainer.max_steps=5",
+        "eval.best_row=true",
+        "eval.metrics=[sw]",
+        "eval.monitor=sw",
+        "eval.compare=null",
+    )
+    rows = train(cfg)
+    best = [name for name in rows if "best.ckpt" in name]
+    assert len(best) == 1 and "best periodic sw, batch" in best[0]
+    batch = int(best[0].rsplit("batch ", 1)[1].rstrip(")"))
+    assert batch in (2, 4)  # a periodic evaluation's step, not the last (5)
+    ckpt = torch.load(Path(cfg.paths.output_dir) / "checkpoints/best.ckpt", weights_only=False)
+    assert ckpt["diffft_batches_done"] == batch
