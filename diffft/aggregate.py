@@ -4,6 +4,7 @@ with every metric pooled over seeds and evaluation draws.
 ``python -m diffft.aggregate MULTIRUN_DIR [--by k,k] [--over k,k] [--format md|csv]
 [--metrics m,m] [--one-table] [--out FILE]``
 
+``--se`` (with ``--one-table``): ``mean ± s.e.`` over runs instead of ``± sd`` over draws.
 ``--one-table``: one markdown table for the whole sweep (the ``--by`` values as the first
 columns, each distinct data floor once at the end), as the result files show it; otherwise one
 table per configuration. The ``reference`` column holds the runs' ``eval.references`` (paper
@@ -46,6 +47,10 @@ FOOTER = (
     "mean ± sd over all evaluation draws of all runs (seeds × draws); runs = runs pooled; "
     "the data floor counts identical floors once"
 )
+FOOTER_SE = (
+    "mean ± s.e. over runs (each run's draws averaged first; s.e. = sd of the run means / "
+    "sqrt(runs); '± nan' = one run); the data floor: mean ± sd over its draws"
+)
 
 
 @dataclass
@@ -57,6 +62,8 @@ class RowStats:
     sd: dict[str, float] = field(default_factory=dict)
     n: dict[str, int] = field(default_factory=dict)
     runs: int = 0
+    # the standard error over runs: sd of the runs' own means (each over its draws) / sqrt(runs)
+    se: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -188,6 +195,9 @@ def aggregate(
                 stats.n[m] = len(values)
                 stats.mean[m] = float(values.mean()) if len(values) else float("nan")
                 stats.sd[m] = float(values.std(ddof=1)) if len(values) > 1 else float("nan")
+                means = np.array([np.mean(row[m]) for row in distinct if row.get(m)], dtype=float)
+                k = len(means)
+                stats.se[m] = float(means.std(ddof=1) / np.sqrt(k)) if k > 1 else float("nan")
             rows[name] = stats
         groups.append(Group({k: members[0][0][k] for k in by}, rows))
     first = {}  # the first run of each group, for its references
@@ -198,10 +208,11 @@ def aggregate(
     return groups
 
 
-def _cell(s: RowStats, m: str) -> str:
-    """``mean ± sd``, or ``–`` where the row has no values of ``m`` (e.g. a metric of another
-    dataset in a sweep over datasets)."""
-    return f"{s.mean[m]:.4g} ± {s.sd[m]:.2g}" if s.n.get(m) else "–"
+def _cell(s: RowStats, m: str, stat: str = "sd") -> str:
+    """``mean ± sd`` (or ``± s.e.`` with ``stat="se"``), or ``–`` where the row has no values
+    of ``m`` (e.g. a metric of another dataset in a sweep over datasets)."""
+    spread = s.se[m] if stat == "se" else s.sd[m]
+    return f"{s.mean[m]:.4g} ± {spread:.2g}" if s.n.get(m) else "–"
 
 
 def _metrics(groups: list[Group]) -> list[str]:
@@ -228,9 +239,12 @@ def format_md(groups: list[Group], root: str | Path, n_runs: int, over: list[str
     return "\n".join([*lines, "", FOOTER]) + "\n"
 
 
-def format_one_table(groups: list[Group], root: str | Path, n_runs: int, over: list[str]) -> str:
+def format_one_table(
+    groups: list[Group], root: str | Path, n_runs: int, over: list[str], stat: str = "sd"
+) -> str:
     """Markdown: one table ``<by keys> | model | metric ... | runs | reference`` over every
-    group, each distinct data floor once at the end."""
+    group, each distinct data floor once at the end (``stat``: ``sd`` over draws, or ``se``:
+    the standard error over runs)."""
     from diffft.evaluation import METRICS  # torch: only when a table is printed
 
     metrics = _metrics(groups)
@@ -244,7 +258,7 @@ def format_one_table(groups: list[Group], root: str | Path, n_runs: int, over: l
     floors: list[RowStats] = []
     for group in groups:
         for name, s in group.rows.items():
-            cells = [_cell(s, m) for m in metrics]
+            cells = [_cell(s, m, stat) for m in metrics]
             if name == FLOOR:
                 if all(f.mean != s.mean for f in floors):
                     floors.append(s)
@@ -254,9 +268,9 @@ def format_one_table(groups: list[Group], root: str | Path, n_runs: int, over: l
             lines.append("| " + " | ".join([*keys, name, *cells, str(s.runs), ref]) + " |")
     for s in floors:
         row = [*([""] * len(by)), FLOOR]
-        row += [_cell(s, m) for m in metrics] + [str(s.runs), "–"]
+        row += [_cell(s, m, "sd") for m in metrics] + [str(s.runs), "–"]
         lines.append("| " + " | ".join(row) + " |")
-    return "\n".join([*lines, "", FOOTER]) + "\n"
+    return "\n".join([*lines, "", FOOTER_SE if stat == "se" else FOOTER]) + "\n"
 
 
 def format_csv(groups: list[Group]) -> str:
@@ -296,13 +310,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--metrics", help="metric names (default: the runs' main rows')")
     parser.add_argument("--one-table", action="store_true", help="one md table for the sweep")
     parser.add_argument("--out", help="also write the output to this file")
+    parser.add_argument(
+        "--se", action="store_true", help="--one-table: ± the standard error over runs, not sd"
+    )
     args = parser.parse_args(argv)
     runs = find_runs(args.root)
     over = _keys(args.over) or []
     groups = aggregate(runs, by=_keys(args.by), over=over, metrics=_keys(args.metrics))
     if args.format == "md":
-        fmt = format_one_table if args.one_table else format_md
-        text = fmt(groups, args.root, len(runs), over)
+        if args.one_table:
+            text = format_one_table(groups, args.root, len(runs), over, "se" if args.se else "sd")
+        else:
+            text = format_md(groups, args.root, len(runs), over)
     else:
         text = format_csv(groups)
     sys.stdout.write(text)

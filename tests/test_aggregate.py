@@ -177,3 +177,16 @@ def test_real_sweep(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "### method.schedule.steps=5" in text and "### method.schedule.steps=10" in text
     assert "| DDPM T=5 |" in text and "| DDPM T=10 |" in text and "| data floor |" in text
+
+
+def test_standard_error_over_runs(sweep, capsys):
+    groups = aggregate(find_runs(sweep), by=["method.lr"])
+    (group,) = [g for g in groups if g.key["method.lr"] == 0.1]
+    # run means of M's sw: seed 0 -> 0.11, seed 1 -> 1.11; s.e. = sd / sqrt(2)
+    means = np.array([0.1 + 0.01, 1.1 + 0.01])
+    assert group.rows["M"].se["sw"] == pytest.approx(means.std(ddof=1) / np.sqrt(2))
+    assert np.isnan(group.rows["extra"].se["sw"])  # one run
+    main([str(sweep), "--one-table", "--se", "--by", "method.lr"])
+    out = capsys.readouterr().out
+    assert "mean ± s.e. over runs" in out
+    assert f"| 0.1 | M | 0.61 ± {means.std(ddof=1) / np.sqrt(2):.2g} |" in out
