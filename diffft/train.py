@@ -202,7 +202,7 @@ def fit_and_report(
     check_init_data(method, datamodule)
     trainer.fit(method, datamodule, ckpt_path=cfg.get("ckpt_path"))
     last = next(c for c in trainer.callbacks if isinstance(c, LastCheckpoint))
-    if trainer.max_steps == 0 and not last.path.is_file():
+    if trainer.max_steps == 0:  # (on every rank: save_checkpoint has a barrier)
         # A 0-step run (e.g. released weights as a pretrain stage): Lightning skipped the loop
         # and its hooks, so the checkpoint is written here.
         trainer.save_checkpoint(last.path)

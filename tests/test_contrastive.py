@@ -244,3 +244,56 @@ def test_a_user_encoder_needs_its_weights_and_a_wrong_file_is_named(make_cfg, tm
 def test_bad_options_name_the_key(make_cfg, key, value):
     with pytest.raises(ValueError, match=f"method.{key}"):
         train(_contrastive(make_cfg, f"method.{key}={value}"))
+
+
+def _method(**kw) -> ContrastiveChain:
+    from diffft.methods.ddpm import DDPM
+
+    ddpm = DDPM(
+        backbone={"_target_": "diffft.nets.mlp.SinusoidalTimeMLP", "width": 16, "depth": 1},
+        event_shape=[2],
+        schedule={"name": "linear", "steps": 100, "beta_start": 1e-4, "beta_end": 2e-2},
+        optimizer={"_target_": "torch.optim.Adam"},
+    )
+    net = {"_target_": "diffft.nets.mlp.MLP", "event_shape": [2], "width": 8, "depth": 1}
+    sampler = {"steps": 3, "subsample": "uniform", "parameterisation": "ddim", "eta": 0.0}
+    kw = {"train_steps": 6, "n_chains": 8, **kw}
+    return ContrastiveChain(
+        [2], sampler, ddpm=dict(ddpm.hparams), encoder_net={**net, "out_dim": 4}, **kw
+    )
+
+
+def test_the_contrastive_term_back_propagates_into_the_eps_network():
+    torch.manual_seed(0)
+    method = _method(alpha=0.1)
+    real = torch.randn(16, 2)
+    loss, weight = method.contrastive_loss(real, torch.Generator().manual_seed(0))
+    loss.backward()
+    grads = [p.grad for p in method.chain.eps_net.parameters()]
+    assert all(g is not None for g in grads) and sum(g.abs().sum() for g in grads) > 0
+    assert not any(p.grad is not None for p in method.encoder.parameters())  # frozen
+    assert weight.shape == (8,) and (weight > 0).all()
+
+
+def test_shuffled_positives_come_from_another_chain_at_the_same_state():
+    torch.manual_seed(0)
+    seen = {}
+    method = _method(positives="shuffled")
+    encode = method.encoder.forward
+
+    def record(x):
+        seen.setdefault("calls", []).append(x.detach().clone())
+        return encode(x)
+
+    method.encoder.forward = record
+    g = torch.Generator().manual_seed(1)
+    state = g.get_state()
+    method.contrastive_loss(torch.randn(16, 2), g)
+    _, query, positive = seen["calls"]  # negatives, query, positive
+    g.set_state(state)  # the same rollout and j
+    traj = method.train_chain.sample(8, generator=g, return_trajectory=True)
+    j = torch.randint(1, 6, (8,), generator=g)
+    assert torch.allclose(query, traj.states[0], atol=1e-6)
+    assert torch.allclose(positive, traj.states[j, torch.arange(8).roll(1)], atol=1e-6)
+    with pytest.raises(ValueError, match="n_chains >= 2"):
+        _method(positives="shuffled", n_chains=1)

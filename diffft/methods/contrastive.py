@@ -27,7 +27,7 @@ made where the paper is ambiguous (each a config key):
   = ``alpha * (K - |t - j|)``, so the weight grows as the two states get closer (with the
   ``final`` pairing, ``alpha * (K - j)``, Eq. 13's ``alpha (T - t)`` counted in chain steps);
   ``psnr`` (Eq. 14) = ``alpha * PSNR(x_t, x_j)`` with ``psnr_peak`` the data range (2 for
-  [-1, 1] images), without gradient.
+  [-1, 1] images), without gradient, clamped at 0 dB.
 * **BPTT** (``window``, ``checkpoint``). The chain's state is detached every ``window`` steps
   (``GaussianChain.sample``): ``window=1`` is the paper's "no BPTT" ablation (each state gets
   only its own last transition's gradient), null = through the whole chain. ``checkpoint``
@@ -164,6 +164,8 @@ class ContrastiveChain(FineTuneMethod):
             )
         if window is not None and window < 1:
             raise ValueError(f"method.window={window}: expected an int >= 1, or null (full BPTT)")
+        if positives == "shuffled" and n_chains < 2:
+            raise ValueError("method.positives=shuffled pairs chains with others: n_chains >= 2")
         self.save_hyperparameters()
         self.build_chain(event_shape, init_from, ddpm, dict(sampler))  # chain, init_chain
         K = train_steps or self.chain.steps
@@ -282,15 +284,16 @@ class ContrastiveChain(FineTuneMethod):
             j = (t + torch.randint(1, K, (n,), generator=g, device=real.device)) % K
         rows = torch.arange(n, device=real.device)
         query, positive = states[t, rows], states[j, rows]
-        if hp.positives == "shuffled":  # the control: another chain's state at index j
-            positive = states[j.roll(1), rows.roll(1)]
+        if hp.positives == "shuffled":  # the control: another chain's state at the same j
+            positive = states[j, rows.roll(1)]
         with torch.no_grad():
             if hp.beta_schedule == "fixed":
                 weight = torch.full((n,), float(hp.alpha), device=real.device)
             elif hp.beta_schedule == "linear":
                 weight = hp.alpha * (K - (t - j).abs()).float()
             else:
-                weight = hp.alpha * psnr(query, positive, hp.psnr_peak)
+                # (clamped: below 0 dB, a negative beta would push the pair apart)
+                weight = hp.alpha * psnr(query, positive, hp.psnr_peak).clamp_min(0)
             negatives = self.encoder(real)
         per_chain = info_nce(self.encoder(query), self.encoder(positive), negatives, hp.temperature)
         return (weight * per_chain).mean(), weight
