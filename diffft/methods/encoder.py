@@ -34,24 +34,27 @@ from diffft.methods.base import SamplerMethod
 log = logging.getLogger("diffft")
 
 
-def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
-    """SimCLR's NT-Xent loss of ``n`` positive pairs ``(z1[i], z2[i])`` (features ``[n, d]``,
-    normalised here): the mean over the ``2n`` views of the cross-entropy of finding the pair
-    among the other ``2n - 1`` views."""
-    z = F.normalize(torch.cat([z1, z2]), dim=1)
-    n = z1.shape[0]
-    sim = z @ z.T / temperature
-    sim = sim.masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), float("-inf"))
-    target = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
-    return F.cross_entropy(sim, target)
-
-
-def retrieval_top1(z1: torch.Tensor, z2: torch.Tensor) -> float:
-    """The share of the ``2n`` views whose most similar other view is their pair."""
+def _view_similarities(z1: torch.Tensor, z2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cosine similarities ``[2n, 2n]`` of the ``2n`` views (each with itself at -inf) and the
+    index of each view's pair."""
     z = F.normalize(torch.cat([z1, z2]), dim=1)
     n = z1.shape[0]
     sim = (z @ z.T).fill_diagonal_(float("-inf"))
     target = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
+    return sim, target
+
+
+def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
+    """SimCLR's NT-Xent loss of ``n`` positive pairs ``(z1[i], z2[i])`` (features ``[n, d]``,
+    normalised here): the mean over the ``2n`` views of the cross-entropy of finding the pair
+    among the other ``2n - 1`` views."""
+    sim, target = _view_similarities(z1, z2)
+    return F.cross_entropy(sim / temperature, target)
+
+
+def retrieval_top1(z1: torch.Tensor, z2: torch.Tensor) -> float:
+    """The share of the ``2n`` views whose most similar other view is their pair."""
+    sim, target = _view_similarities(z1, z2)
     return float((sim.argmax(1) == target).float().mean())
 
 
@@ -67,6 +70,8 @@ class ContrastiveEncoder(SamplerMethod):
     optimizer: optimiser config (``_target_`` + kwargs).
     """
 
+    samples = False  # no sampler: no periodic evaluation, no table
+
     def __init__(
         self,
         event_shape: list[int],
@@ -78,7 +83,6 @@ class ContrastiveEncoder(SamplerMethod):
         optimizer: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        self.samples = False
         if temperature <= 0:
             raise ValueError(f"method.temperature={temperature}: expected > 0")
         self.save_hyperparameters()
