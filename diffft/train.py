@@ -408,7 +408,9 @@ def references_for(cfg: DictConfig, identity: dict[str, Any]) -> dict[str, dict[
     (every key of ``eval.reference_data`` matches the data's identity; null = any data) and
     the run is the setup they were measured with (every dotted key of ``eval.reference_when``,
     e.g. ``method.schedule.name: sigmoid``, has that value)."""
-    refs = OmegaConf.to_container(cfg.eval.references, resolve=True) or {}
+    # Read with get, as every optional key: `~eval.references` (no paper column) is allowed.
+    node = cfg.eval.get("references")
+    refs = (OmegaConf.to_container(node, resolve=True) if node is not None else None) or {}
     on = cfg.eval.get("reference_data")
     if on is not None and any(identity.get(k) != v for k, v in on.items()):
         return {}

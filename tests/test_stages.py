@@ -139,3 +139,7 @@ def test_paper_references_print_only_for_their_data_and_setup(make_cfg):
     assert references_for(cfg, {**roll, "seed": 1}) == {}  # other data
     cosine = make_cfg("experiment=swiss_roll_ddpm", "method.schedule.name=cosine")
     assert references_for(cosine, roll) == {}  # another setup: its rows print '–'
+    # Deleting the key (a paper number that does not apply to the row) must not fail the
+    # report: it raised ConfigAttributeError there, after the whole run had trained.
+    dropped = make_cfg("experiment=eight_gaussians_sft_pg", "~eval.references")
+    assert references_for(dropped, {**roll, "name": "eight_gaussians"}) == {}
