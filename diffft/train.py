@@ -137,6 +137,7 @@ def train(cfg: DictConfig) -> dict[str, dict[str, list[float]]]:
     datamodule = resolve_data(cfg)  # first: a bad path fails before any stage trains
     check_solvers(cfg)
     check_writable(cfg)
+    references_for(cfg, datamodule.identity())  # a bad eval.references fails now, not after fit
     evaluator = Evaluator(
         datamodule,
         list(cfg.eval.metrics),
