@@ -411,7 +411,7 @@ def references_for(cfg: DictConfig, identity: dict[str, Any]) -> dict[str, dict[
     e.g. ``method.schedule.name: sigmoid``, has that value)."""
     # Read with get, as every optional key: `~eval.references` (no paper column) is allowed.
     node = cfg.eval.get("references")
-    refs = (OmegaConf.to_container(node, resolve=True) if node is not None else None) or {}
+    refs = OmegaConf.to_container(node, resolve=True) if node is not None else {}
     on = cfg.eval.get("reference_data")
     if on is not None and any(identity.get(k) != v for k, v in on.items()):
         return {}
