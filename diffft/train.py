@@ -460,7 +460,10 @@ def main(cfg: DictConfig) -> None:
     check_overrides(list(hydra_cfg.overrides.task))
     check_launch(cfg, hydra_cfg.mode)
     if hydra_cfg.mode == RunMode.RUN and hydra_cfg.sweeper.get("params"):
-        log.warning("a sweep config without -m runs its first point only: add -m to sweep")
+        log.warning(  # Hydra applies hydra.sweeper.params only in MULTIRUN mode
+            "a sweep config without -m ignores its hydra.sweeper.params and runs the config as "
+            "composed from the command line: add -m to run the sweep"
+        )
     try:
         train(cfg)
     except (NonFiniteLossError, Interrupted) as err:  # one line, not a traceback
