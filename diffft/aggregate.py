@@ -73,6 +73,17 @@ class Group:
     key: dict[str, Any]
     rows: dict[str, RowStats]
     references: dict[str, str] = field(default_factory=dict)
+    features: str | None = None  # eval.features of its first run (names the image metrics)
+
+
+def metric_labels(groups: list[Group], metrics: list[str]) -> list[str]:
+    """Column labels, as the runs' own summaries name them: an image metric's label names
+    the feature network of the runs' ``eval.features`` (``FID vs test (offline features)``)."""
+    from diffft.evaluation import METRICS  # torch: only when a table is printed
+
+    kinds = sorted({g.features for g in groups if g.features})
+    features = f"{'/'.join(kinds)} features" if kinds else "features"
+    return [METRICS[m].label.format(features=features) if m in METRICS else m for m in metrics]
 
 
 def _natural(path: Path) -> list[Any]:
@@ -205,6 +216,7 @@ def aggregate(
         first.setdefault(tuple(repr(cfg[k]) for k in by), run)
     for group, run in zip(groups, first.values(), strict=True):
         group.references = references(run)
+        group.features = load_config(run).get("eval.features")
     return groups
 
 
@@ -222,12 +234,10 @@ def _metrics(groups: list[Group]) -> list[str]:
 def format_md(groups: list[Group], root: str | Path, n_runs: int, over: list[str]) -> str:
     """Markdown: a header line, then per group a ``### key=value`` heading (when there are
     ``--by`` keys) and a table ``model | metric ... | runs`` of ``mean ± sd``; a footer."""
-    from diffft.evaluation import METRICS  # torch: only when a table is printed
-
     metrics = _metrics(groups)
     by = list(groups[0].key) if groups else []
     lines = [f"{root}: {n_runs} runs; by: {', '.join(by) or '-'}; over: {', '.join(over)}"]
-    head = ["model"] + [METRICS[m].label if m in METRICS else m for m in metrics] + ["runs"]
+    head = ["model", *metric_labels(groups, metrics), "runs"]
     for group in groups:
         lines.append("")
         if group.key:
@@ -245,12 +255,10 @@ def format_one_table(
     """Markdown: one table ``<by keys> | model | metric ... | runs | reference`` over every
     group, each distinct data floor once at the end (``stat``: ``sd`` over draws, or ``se``:
     the standard error over runs)."""
-    from diffft.evaluation import METRICS  # torch: only when a table is printed
-
     metrics = _metrics(groups)
     by = list(groups[0].key) if groups else []
     lines = [f"{root}: {n_runs} runs; by: {', '.join(by) or '-'}; over: {', '.join(over)}", ""]
-    head = [*by, "model"] + [METRICS[m].label if m in METRICS else m for m in metrics]
+    head = [*by, "model", *metric_labels(groups, metrics)]
     lines += [
         "| " + " | ".join([*head, "runs", "reference"]) + " |",
         "|" + "---|" * (len(head) + 2),

@@ -190,3 +190,24 @@ def test_standard_error_over_runs(sweep, capsys):
     out = capsys.readouterr().out
     assert "mean ± s.e. over runs" in out
     assert f"| 0.1 | M | 0.61 ± {means.std(ddof=1) / np.sqrt(2):.2g} |" in out
+
+
+def test_image_metric_columns_name_the_runs_feature_network(tmp_path, capsys):
+    # An image sweep: the FID / KID columns are labelled as the runs' own summaries label
+    # them (this printed 'FID vs test ({features})' before).
+    root = tmp_path / "images"
+    for seed in (0, 1):
+        run = root / str(seed)
+        run.mkdir(parents=True)
+        cfg = {"seed": seed, "eval": {"features": "offline"}, "paths": {"output_dir": str(run)}}
+        OmegaConf.save(OmegaConf.create(cfg), run / "config.yaml")
+        rows = {
+            "M": {"fid": [10.0 + seed], "kid": [1.0]},
+            "data floor": {"fid": [5.0], "kid": [0.0]},
+        }
+        (run / "summary.json").write_text(json.dumps(rows))
+    for args in (["--one-table", "--se"], []):
+        main([str(root), *args])
+        out = capsys.readouterr().out
+        assert "FID vs test (offline features) | KID vs test (offline features)" in out
+        assert "{features}" not in out
