@@ -2,6 +2,7 @@
 alpha = 0 as plain fine-tuning, the encoder stage and its errors, a run without sampler rows."""
 
 import json
+import sys
 from pathlib import Path
 
 import lightning as L
@@ -17,6 +18,7 @@ from diffft.methods.contrastive import ContrastiveChain, info_nce, psnr
 from diffft.methods.encoder import ContrastiveEncoder, nt_xent
 from diffft.nets.mlp import SinusoidalTimeMLP
 from diffft.train import train
+from tests.test_experiments import load_script
 
 
 def test_info_nce_is_cross_entropy_with_the_positive_first_and_falls_as_the_pair_nears():
@@ -172,7 +174,9 @@ def test_alpha_zero_is_plain_fine_tuning_exactly(make_cfg):
     assert moved
 
 
-def test_contrastive_run_trains_the_encoder_stage_and_loads_from_its_checkpoint(make_cfg):
+def test_contrastive_run_trains_the_encoder_stage_and_loads_from_its_checkpoint(
+    make_cfg, capsys, monkeypatch
+):
     cfg = _contrastive(make_cfg, "trainer.max_steps=4", "method.window=2")
     rows = train(cfg)
     assert "C++ T'=3, W=2" in rows and "DDPM T'=3 (init)" in rows
@@ -193,6 +197,16 @@ def test_contrastive_run_trains_the_encoder_stage_and_loads_from_its_checkpoint(
     for a, b in zip(method.encoder.net.parameters(), encoder.encoder.parameters(), strict=True):
         assert torch.equal(a, b)
     assert not any(p.requires_grad for p in method.encoder.parameters())
+    # experiments/chain_scale.py --infonce reads the run's data and prints both InfoNCEs.
+    chain_scale = load_script("chain_scale")
+    real = chain_scale.training_batch(str(ckpt))
+    values = chain_scale.raw_infonce(method, real, draws=2)
+    assert len(values) == 2 and all(0 < v < 20 for v in values)
+    assert method.hparams.alpha == cfg.method.alpha  # the copy was changed, not the method
+    monkeypatch.setattr(sys, "argv", ["chain_scale.py", "--infonce", "--n", "16", str(ckpt)])
+    chain_scale.main()
+    out = capsys.readouterr().out
+    assert "training chain, fine-tuned:" in out and "training chain, init (pretrained):" in out
 
 
 def test_the_controls_are_named_and_the_random_encoder_is_not_the_trained_one(make_cfg):
