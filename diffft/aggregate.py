@@ -79,11 +79,10 @@ class Group:
 def metric_labels(groups: list[Group], metrics: list[str]) -> list[str]:
     """Column labels, as the runs' own summaries name them: an image metric's label names
     the feature network of the runs' ``eval.features`` (``FID vs test (offline features)``)."""
-    from diffft.evaluation import METRICS  # torch: only when a table is printed
+    from diffft.evaluation import METRICS, metric_label  # torch: only when a table is printed
 
-    kinds = sorted({g.features for g in groups if g.features})
-    features = f"{'/'.join(kinds)} features" if kinds else "features"
-    return [METRICS[m].label.format(features=features) if m in METRICS else m for m in metrics]
+    features = "/".join(sorted({g.features for g in groups if g.features})) or None
+    return [metric_label(m, features) if m in METRICS else m for m in metrics]
 
 
 def _natural(path: Path) -> list[Any]:
@@ -211,12 +210,12 @@ def aggregate(
                 stats.se[m] = float(means.std(ddof=1) / np.sqrt(k)) if k > 1 else float("nan")
             rows[name] = stats
         groups.append(Group({k: members[0][0][k] for k in by}, rows))
-    first = {}  # the first run of each group, for its references
+    first = {}  # the first run of each group (and its config), for its references
     for cfg, run in zip(configs, runs, strict=True):
-        first.setdefault(tuple(repr(cfg[k]) for k in by), run)
-    for group, run in zip(groups, first.values(), strict=True):
+        first.setdefault(tuple(repr(cfg[k]) for k in by), (cfg, run))
+    for group, (cfg, run) in zip(groups, first.values(), strict=True):
         group.references = references(run)
-        group.features = load_config(run).get("eval.features")
+        group.features = cfg.get("eval.features")
     return groups
 
 

@@ -87,6 +87,14 @@ METRICS: dict[str, Metric] = {
     ),
     "recall": Metric(_image("recall"), "test", 1.0, "recall vs test ({features})", "images", "max"),
 }
+
+
+def metric_label(name: str, features: str | None) -> str:
+    """A metric's column label; an image metric's names its feature network (``eval.features``,
+    e.g. ``FID vs test (offline features)``; ``None``: unnamed)."""
+    return METRICS[name].label.format(features=f"{features} features" if features else "features")
+
+
 # Points of the real sample the "auc" floor's KDE is fitted to, and its draws (a 10K x 20K KDE
 # evaluation takes ~6 s).
 AUC_FLOOR_POINTS = 5_000
@@ -151,8 +159,7 @@ class Evaluator:
 
     def labels(self) -> dict[str, str]:
         """Column labels of the metrics (an image metric's names its feature network)."""
-        return {m: METRICS[m].label.format(features=f"{self.features} features")
-                for m in self.metrics}  # fmt: skip
+        return {m: metric_label(m, self.features) for m in self.metrics}
 
     def _points(self, name: str) -> int:
         return min(self.n, self.w2_points) if name == "w2" else self.n

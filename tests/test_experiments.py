@@ -1,6 +1,7 @@
 """The scripts under experiments/ that compute a reported number (not the benchmarks)."""
 
 import importlib.util
+from itertools import pairwise
 from pathlib import Path
 
 import torch
@@ -36,7 +37,7 @@ def test_chain_scale_follows_the_states_from_noise_to_data():
     steps = subsample(betas, 10, "uniform")
     zero = GaussianChain(ZeroEps(), steps, (2,), "ddim", eta=0.0)
     sds = [sd for sd, _ in chain_scale.state_scale(zero, 4000)]
-    assert all(b > a for a, b in zip(sds, sds[1:], strict=False))
+    assert all(b > a for a, b in pairwise(sds))
     expected = float(steps.alpha_bar[-1]) ** -0.5
     assert abs(sds[-1] / expected - 1) < 0.05
 
