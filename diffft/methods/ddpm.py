@@ -33,8 +33,10 @@ class DDPM(SamplerMethod):
     optimizer: optimiser config (``_target_`` + kwargs). grad_clip: max grad norm (None = off).
     lr_schedule: ``constant``, or ``cosine`` (decay to 0 over the run's optimiser steps).
     ema_decay: EMA of the eps-network (0 = off). eval_steps: extra short samplers to report,
-    each ``{steps: T', subsample: kind}`` (a sub-sampled chain) or ``{steps: T', solver:
-    ddim|dpmpp2m}`` (a diffusers solver on this eps-network). antithetic: pair t with T-1-t.
+    each ``{steps: T', subsample: kind}`` (a sub-sampled chain; other ``GaussianChain`` keys such
+    as ``spacing``, ``variance``, ``sigma_last`` override the model's sampler and are named in
+    the row's label) or ``{steps: T', solver: ddim|dpmpp2m}`` (a diffusers solver on this
+    eps-network). antithetic: pair t with T-1-t.
 
     Under DDP each rank takes ``dataset.batch_size`` rows of its own shard with its own t and
     noise, and the gradients are averaged: the effective batch is ``dataset.batch_size`` x
@@ -141,7 +143,8 @@ class DDPM(SamplerMethod):
                 out[sampler.label] = sampler
                 continue
             kind = spec.pop("subsample", "uniform")
-            out[f"DDPM T={self.chain.steps}→{steps} ({kind})"] = self.short_chain(
+            extra = "".join(f", {k}={v}" for k, v in spec.items())  # spacing, variance, ...
+            out[f"DDPM T={self.chain.steps}→{steps} ({kind}{extra})"] = self.short_chain(
                 steps, kind, **spec
             ).to(self.device)
         return out

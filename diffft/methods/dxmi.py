@@ -62,6 +62,7 @@ from torch import nn
 
 from diffft.diffusion.chain import GaussianChain
 from diffft.methods.base import FineTuneMethod
+from diffft.methods.diagnostics import grad_norm, sample_diagnostics, sigma_logs
 from diffft.methods.losses import (
     avr_update,
     energy_loss,
@@ -315,10 +316,12 @@ class DxMI(FineTuneMethod):
             opt.step()
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        if not self.hparams.grad_clip:
-            return
         sampler_opts = self.optimizers()[:2]
-        if any(optimizer is o.optimizer for o in sampler_opts):
+        if not any(optimizer is o.optimizer for o in sampler_opts):
+            return
+        if optimizer is sampler_opts[0].optimizer and self.logging_batch():
+            self.log("diag/sampler_grad_norm", grad_norm(self.chain.parameters()))
+        if self.hparams.grad_clip:
             self.clip_gradients(optimizer, self.hparams.grad_clip, "norm")
 
     # -- Alg. 1 / 2 ---------------------------------------------------------------------------
@@ -342,8 +345,7 @@ class DxMI(FineTuneMethod):
         self.iteration += 1
         self.update_ema()
         if self.logging_batch():
-            sigma = self.chain.log_sigma.detach().exp()
-            logs["sigma/k1"], logs[f"sigma/k{traj.steps}"] = sigma[1], sigma[traj.steps]
+            logs |= sigma_logs(self.chain.log_sigma_table())
             self.log_dict(logs)
 
     @torch.no_grad()
@@ -360,8 +362,11 @@ class DxMI(FineTuneMethod):
         loss = energy_loss(e_real, e_fake, self.hparams.gamma)
         self.check_finite(energy=loss)
         self._step([opt], loss)
-        return {"loss/energy": loss.detach(), "energy/data": e_real.detach().mean(),
+        logs = {"loss/energy": loss.detach(), "energy/data": e_real.detach().mean(),
                 "energy/samples": e_fake.detach().mean()}  # fmt: skip
+        if self.logging_batch():
+            logs |= sample_diagnostics(real, fake, e_fake.reshape(-1))
+        return logs
 
     def transition_cost(
         self, k: torch.Tensor, sq_step: torch.Tensor, noise: torch.Tensor
@@ -421,7 +426,7 @@ class DxMI(FineTuneMethod):
             nonlocal v_sum
             x_new = self.chain.step(x_k[b], k[b], noise[b])
             sq = (x_k[b] - x_new).flatten(1).square().sum(1)
-            entropy = entropy_cost(self.chain.log_sigma[k[b]], D)
+            entropy = entropy_cost(self.chain.log_sigma_table()[k[b]], D)
             costs = running_cost(
                 entropy, sq, self.avr_s2[k[b]], self.tau1, self.tau2, D, hp.running_cost_reduction
             )

@@ -50,6 +50,12 @@ from hydra.utils import instantiate
 
 from diffft.diffusion.chain import GaussianChain, Trajectory
 from diffft.methods.base import FineTuneMethod
+from diffft.methods.diagnostics import (
+    grad_norm,
+    gradient_cosine,
+    sample_diagnostics,
+    sigma_logs,
+)
 from diffft.methods.losses import (
     baseline_loss,
     gradient_penalty,
@@ -166,6 +172,8 @@ class SFTPG(FineTuneMethod):
                 self.buffer.clear()
             self.update_ema()
         if self.logging_batch():
+            if self.chain.log_sigma is not None:
+                logs |= sigma_logs(self.chain.log_sigma_table())
             self.log_dict(logs)
 
     def critic_step(
@@ -177,6 +185,8 @@ class SFTPG(FineTuneMethod):
         f_fake = self.critic(fake).squeeze(-1)
         loss = ipm_critic_loss(self.critic(real), f_fake)
         logs = {"loss/critic_ipm": loss.detach()}
+        if self.logging_batch():  # diagnostics (see diffft.methods.diagnostics)
+            logs |= sample_diagnostics(real, fake, f_fake)
         if hp.gp > 0:
             penalty = gradient_penalty(self.critic, real, fake, generator=g)
             loss = loss + hp.gp * penalty
@@ -228,6 +238,13 @@ class SFTPG(FineTuneMethod):
                     log_prob = log_prob / math.prod(self.chain.event_shape)
                 return policy_gradient_loss(log_prob, adv)
 
+            if j == 0 and self.logging_batch() and self.trainer.world_size == 1:
+                halves = torch.arange(idx.numel(), device=idx.device).chunk(2)
+                grads = [
+                    torch.autograd.grad(loss_of(h), self.chain.parameters(), allow_unused=True)
+                    for h in halves
+                ]  # two estimates of the step's gradient from disjoint halves of its minibatch
+                self.log("diag/pg_grad_cosine", gradient_cosine(*grads))
             loss = self.accumulate([opt_g], idx.numel(), loss_of, hp.grad_chunk, "sampler")
         return loss
 
@@ -247,7 +264,11 @@ class SFTPG(FineTuneMethod):
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         # Lightning calls this after unscaling the gradients (16-mixed's GradScaler), so gamma
         # clips the true gradient norm under every precision.
-        if self.hparams.grad_clip and optimizer is self.optimizers()[0].optimizer:
+        if optimizer is not self.optimizers()[0].optimizer:
+            return
+        if self.logging_batch():
+            self.log("diag/sampler_grad_norm", grad_norm(self.chain.parameters()))
+        if self.hparams.grad_clip:
             self.clip_gradients(optimizer, self.hparams.grad_clip, "norm")
 
     # -- checkpoint & evaluation ------------------------------------------------------------------

@@ -37,7 +37,13 @@ def _scalar_output(out_dim: int, who: str) -> None:
 
 
 class DCGANCritic(nn.Module):
-    """``depth`` stride-2 convolutions (None: down to 4x4), ``width`` channels doubling."""
+    """``depth`` stride-2 convolutions (None: down to 4x4), ``width`` channels doubling.
+
+    ``conv_layers``: the total number of convolutions; those beyond the stride-2 ones are 3x3
+    stride-1 convolutions at ``width`` channels before the first down-sampling (None: none). On
+    8x8 digits the stride-2 rule gives one convolution, a nearly linear critic; the released
+    SFT-PG image critic has four (``conv_layers: 4``).
+    """
 
     def __init__(
         self,
@@ -47,12 +53,21 @@ class DCGANCritic(nn.Module):
         activation: str = "leaky_relu_0.2",
         out_dim: int = 1,
         max_width: int = 512,
+        conv_layers: int | None = None,
     ) -> None:
         super().__init__()
         _scalar_output(out_dim, "DCGANCritic")
         c, h, w = _image_shape(event_shape, "DCGANCritic")
         n_down = depth or max(1, int(round(math.log2(min(h, w)))) - 2)
+        if conv_layers is not None and conv_layers < n_down:
+            raise ValueError(
+                f"critic.conv_layers={conv_layers} is fewer than the {n_down} stride-2 "
+                f"convolutions that {h}x{w} images need (critic.depth={depth})"
+            )
         layers: list[nn.Module] = []
+        for _ in range((conv_layers or n_down) - n_down):
+            layers += [nn.Conv2d(c, width, 3, 1, 1), make_activation(activation)]
+            c = width
         for i in range(n_down):
             out = min(width * 2**i, max_width)
             layers += [nn.Conv2d(c, out, 4, 2, 1), make_activation(activation)]
