@@ -16,8 +16,11 @@ EXPERIMENT ?= swiss_roll_sft_pg_fast
 run: $(STAMP)  ## default experiment, CPU: train, evaluate against the floor, plot
 	$(PY) -m diffft.train experiment=$(EXPERIMENT) $(ARGS)
 
+# Two pytest workers (pytest-xdist): the tests run on one thread each, so the suite takes about half
+# the time on two cores; the DDP tests stay on one worker (xdist_group "ddp"). TEST_WORKERS=0: serial.
+TEST_WORKERS ?= 2
 test: $(STAMP)  ## the whole test suite
-	$(PY) -m pytest $(ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup --durations=15 $(ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check diffft tests experiments

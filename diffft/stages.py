@@ -164,16 +164,14 @@ def is_cached(stage_dir: Path) -> bool:
     return (stage_dir / "done").is_file() and (stage_dir / "checkpoints/last.ckpt").is_file()
 
 
-def cached_stage(
-    run: DictConfig, overrides: list[str], train: Callable[[DictConfig], Any] | None = None
-) -> str:
-    """Train the stage ``overrides`` describe for ``run`` (or reuse it); return its ``last.ckpt``.
+def cached_stage(run: DictConfig, overrides: list[str], train: Callable[[DictConfig], Any]) -> str:
+    """Train the stage ``overrides`` describe for ``run`` with ``train`` (``diffft.train.train``;
+    passed in, so that this module does not import the trainer that imports it), or reuse it;
+    return its ``last.ckpt``.
 
     Parallel runs (a sweep, the results scripts) that need the same stage train it once: the
     first takes the stage's lock and trains, the others wait for it and reuse its checkpoint.
     """
-    if train is None:
-        from diffft.train import train
     stage = stage_config(run, overrides)
     key, out = _stage_dir(run, stage)
     ckpt = out / "checkpoints" / "last.ckpt"

@@ -184,10 +184,10 @@ def fit_and_report(
                 "method.init_from is empty and no pretrain stage is configured; set "
                 "method.init_from=PATH/last.ckpt (a DDPM checkpoint) or pretrain.overrides"
             )
-        method_kwargs["init_from"] = cached_stage(cfg, list(cfg.pretrain.overrides))
+        method_kwargs["init_from"] = cached_stage(cfg, list(cfg.pretrain.overrides), train)
         L.seed_everything(cfg.seed, workers=True, verbose=False)
     if needs_encoder_stage(cfg):
-        method_kwargs["encoder_from"] = cached_stage(cfg, list(cfg.encoder_stage.overrides))
+        method_kwargs["encoder_from"] = cached_stage(cfg, list(cfg.encoder_stage.overrides), train)
         L.seed_everything(cfg.seed, workers=True, verbose=False)
 
     # Plain containers: the hyper-parameters in a checkpoint then load with weights_only=True.
@@ -280,7 +280,7 @@ def report(
     stage_models: dict[str, tuple[str, Any]] = {}
     ours = datamodule.identity()
     for row_id, (name, overrides) in compare_stages(cfg).items():
-        ckpt = cached_stage(cfg, overrides)
+        ckpt = cached_stage(cfg, overrides, train)
         stage_dir = Path(ckpt).parents[1]
         theirs = data_identity(OmegaConf.load(stage_dir / "config.yaml").dataset)
         if not same_data(theirs, ours):  # only when the stage's own overrides chose other data

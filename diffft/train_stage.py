@@ -16,6 +16,7 @@ from hydra import initialize_config_module
 from omegaconf import OmegaConf, open_dict
 
 from diffft.stages import cached_stage
+from diffft.train import train
 
 
 def main(argv: list[str]) -> None:
@@ -27,7 +28,7 @@ def main(argv: list[str]) -> None:
         run.trainer.enable_progress_bar = False  # a log file, not a terminal
     torch.set_num_threads(run.threads)
     with initialize_config_module("diffft.conf", version_base="1.3"):
-        print(cached_stage(run, argv[1:]), flush=True)
+        print(cached_stage(run, argv[1:], train), flush=True)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,8 @@ import torch
 from diffft.train import train
 
 PROBE = "tests.test_ddp.RankProbe"
+# Under `make test`'s two pytest workers, the process groups of these tests never run at once.
+pytestmark = pytest.mark.xdist_group("ddp")
 
 
 class RankProbe(L.Callback):

@@ -26,8 +26,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from diffft.data.base import DataError, InMemoryBatches, InMemoryDataModule, PositionedLoader
-from diffft.methods.base import batch_seed
 from diffft.plots import image_grids
+from diffft.seeding import batch_seed
 
 IMAGE_SETS = ("digits", "mnist5k")
 # the native size of each set; image_size may shrink it by an integer factor (average pooling)

@@ -64,7 +64,8 @@ from torch import nn
 from diffft.diffusion.chain import GaussianChain
 from diffft.diffusion.forward import denoising_loss
 from diffft.diffusion.schedules import alpha_bar
-from diffft.methods.base import FineTuneMethod, load_method
+from diffft.methods.base import load_method
+from diffft.methods.finetune import FineTuneMethod
 
 log = logging.getLogger("diffft")
 

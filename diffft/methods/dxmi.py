@@ -27,8 +27,9 @@ and the paper's ``s_t`` of the transition out of ``x_t`` is ``s_k`` of the step 
    mean's eps-network and the per-step ``log sigma_k`` (two optimisers, two learning rates).
 
 ``running_cost_reduction: sum`` is the paper's formula (sums over the D dimensions);
-``mean`` divides both running costs by D, as the released image code does (see
-``specs/dxmi.md``). ``tau`` sets both temperatures; ``tau1`` / ``tau2`` (Sec. 4.3) override it.
+``mean`` divides both running costs by D, as the released image code does (its sampler loss
+is V(x_{t+1}) + tau2 mean_d(dx^2) / (2 s_t^2) - tau1 log sigma_t). ``tau`` sets both
+temperatures; ``tau1`` / ``tau2`` (Sec. 4.3) override it.
 
 **Value and energy.** ``time_dependent: true`` (Alg. 1, 2-D): ``value`` is a time-conditioned
 net ``V(x, k)``; ``false`` (Alg. 2, images): ``V(x)`` for every step. ``energy: null`` shares
@@ -61,8 +62,8 @@ from hydra.utils import get_object, instantiate
 from torch import nn
 
 from diffft.diffusion.chain import GaussianChain
-from diffft.methods.base import FineTuneMethod
 from diffft.methods.diagnostics import grad_norm, sample_diagnostics, sigma_logs
+from diffft.methods.finetune import FineTuneMethod
 from diffft.methods.losses import (
     avr_update,
     energy_loss,

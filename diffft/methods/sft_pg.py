@@ -49,13 +49,13 @@ import torch
 from hydra.utils import instantiate
 
 from diffft.diffusion.chain import GaussianChain, Trajectory
-from diffft.methods.base import FineTuneMethod
 from diffft.methods.diagnostics import (
     grad_norm,
     gradient_cosine,
     sample_diagnostics,
     sigma_logs,
 )
+from diffft.methods.finetune import FineTuneMethod
 from diffft.methods.losses import (
     baseline_loss,
     gradient_penalty,
