@@ -142,3 +142,50 @@ def trajectory_grid(states: torch.Tensor, path: str | Path, title: str = "") -> 
     ax.set_title(title or f"trajectories: x_{steps - 1} (noise) to x_0", fontsize=8)
     ax.axis("off")
     return _save(fig, path)
+
+
+# Panels of training_curves, in this order: what a run's health is read from first.
+_CURVE_PREFIXES = ("loss/", "diag/", "sigma/", "energy/", "value/", "eval/")
+
+
+def training_curves(metrics_csv: str | Path, path: str | Path) -> Path | None:
+    """One panel per logged curve of a run's ``metrics.csv`` (losses, ``diag/*`` diagnostics,
+    eval metrics; all ``sigma/k*`` in one panel) against metrics.csv's step; None when the file
+    is missing or holds no curve. Written as ``training.png`` beside ``samples.png``."""
+    import csv
+
+    metrics_csv = Path(metrics_csv)
+    if not metrics_csv.is_file():
+        return None
+    series: dict[str, list[tuple[float, float]]] = {}
+    with metrics_csv.open() as f:
+        for row in csv.DictReader(f):
+            step = float(row.get("step") or "nan")
+            for key, value in row.items():
+                if value and key and key.startswith(_CURVE_PREFIXES):
+                    series.setdefault(key, []).append((step, float(value)))
+    sigmas = sorted((k for k in series if k.startswith("sigma/k")), key=lambda k: int(k[7:]))
+    panels = [[k] for k in series if not k.startswith("sigma/k")]
+    order = lambda p: next(i for i, pre in enumerate(_CURVE_PREFIXES) if p[0].startswith(pre))  # noqa: E731
+    panels.sort(key=order)
+    if sigmas:
+        panels.append(sigmas)
+    if not panels:
+        return None
+    cols = min(4, len(panels))
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.6 * rows), squeeze=False)
+    for ax in axes.flat[len(panels) :]:
+        ax.axis("off")
+    for ax, keys in zip(axes.flat, panels, strict=False):
+        for key in keys:
+            xs, ys = zip(*series[key], strict=True)
+            ax.plot(xs, ys, lw=1, marker="." if len(xs) < 30 else None, label=key.split("/")[-1])
+        ax.set_title("sigma_k" if keys is sigmas else keys[0], fontsize=9)
+        if keys is sigmas:
+            ax.set_yscale("log")
+            ax.legend(fontsize=6, ncol=2)
+        ax.tick_params(labelsize=7)
+        ax.set_xlabel("step (metrics.csv)", fontsize=7)
+    fig.tight_layout()
+    return _save(fig, path)

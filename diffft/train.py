@@ -36,6 +36,7 @@ from diffft.diffusion.sampler import SOLVERS, Sampler
 from diffft.evaluation import METRICS, Evaluator, format_table
 from diffft.media import finish, log_config, log_image
 from diffft.methods.base import NonFiniteLossError, load_method
+from diffft.plots import training_curves
 from diffft.stages import (
     cached_stage,
     compare_stages,
@@ -323,6 +324,7 @@ def report(
     main = next(iter(shown.values()))
     for path in method.extra_plots(out, datamodule.train, main):  # e.g. DxMI's energy and values
         log_image(loggers or [], f"samples/{path.stem}", path, step=method.batches_done)
+    training_curves(out / "metrics.csv", out / "training.png")  # losses and diagnostics
     print("\n" + header + "\n" + table + f"\n\noutputs: {out}\n", flush=True)
     return rows
 

@@ -89,7 +89,8 @@ def test_learned_sigma_is_trained_by_the_policy_gradient_and_reloads(make_cfg):
         "trainer.max_steps=20",  # 2 generator phases
         "~eval.compare",
     )
-    train(cfg)
+    rows = train(cfg)
+    assert "SFT-PG (learned sigma_k) T'=4" in rows  # not the paper's method: labelled
     method = load_method(str(Path(cfg.paths.output_dir) / "checkpoints/last.ckpt"))
     fixed = method.init_chain.fixed_sigma[1:]
     assert torch.allclose(method.init_chain.log_sigma.exp()[1:], fixed)  # the "before" row

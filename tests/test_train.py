@@ -272,3 +272,4 @@ def test_training_diagnostics_reach_metrics_csv(make_cfg, experiment, steps, exp
         assert values and all(v == v for v in values), key  # logged, and not NaN
     cosines = [float(r["diag/pg_grad_cosine"]) for r in rows if r.get("diag/pg_grad_cosine")]
     assert all(-1 <= c <= 1 for c in cosines)
+    assert (Path(cfg.paths.output_dir) / "training.png").is_file()  # the curves, plotted

@@ -287,4 +287,6 @@ class SFTPG(FineTuneMethod):
     def samplers(self) -> dict[str, GaussianChain]:
         steps = self.chain.steps
         name = "SFT-PG" if self.hparams.estimator == "policy_gradient" else "SFT (pathwise)"
+        if self.chain.log_sigma is not None:  # not the paper's method: labelled as such
+            name += " (learned sigma_k)"
         return {f"{name} T'={steps}": self.eval_chain, f"DDPM T'={steps} (init)": self.init_chain}
