@@ -137,6 +137,7 @@ def train(cfg: DictConfig) -> dict[str, dict[str, list[float]]]:
     check_requires(cfg)
     datamodule = resolve_data(cfg)  # first: a bad path fails before any stage trains
     check_solvers(cfg)
+    check_eval_sizes(cfg)
     check_writable(cfg)
     references_for(cfg, datamodule.identity())  # a bad eval.references fails now, not after fit
     evaluator = Evaluator(
@@ -404,6 +405,32 @@ def check_solvers(cfg: DictConfig) -> None:
             f"eval.solvers: ddim needs eval.solvers.steps={steps} to divide the source DDPM's "
             f"T={T} (diffusers' DDIM steps by T // steps); use eval.solvers.kinds=[dpmpp2m]"
         )
+
+
+# The eval sizes checked before training: (key, what it counts, what null means; None: no null).
+EVAL_SIZES = (
+    ("n", "samples per evaluation draw", None),
+    ("draws", "independent evaluation draws", None),
+    ("floor_draws", "the data floor's draws", "= eval.draws"),
+    ("w2_points", "points of the exact W2 metric", None),
+    ("batch_size", "samples per sampler call", "all eval.n at once"),
+)
+
+
+def check_eval_sizes(cfg: DictConfig) -> None:
+    """Check the eval sizes before anything trains: a 0 or negative one fails only at the
+    final evaluation (an empty sample: no key named), or evaluates nothing and reports empty
+    rows; ``eval.periodic_n`` is checked when the periodic evaluation is on."""
+    sizes = list(EVAL_SIZES)
+    if cfg.eval.every_n_batches > 0:
+        sizes.append(("periodic_n", "samples per periodic evaluation", None))
+    for key, what, null in sizes:
+        value = cfg.eval.get(key)
+        if value is None and null:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            fix = f" or null ({null})" if null else ""
+            raise ValueError(f"eval.{key}={value}: expected an int >= 1 ({what}){fix}")
 
 
 def references_for(cfg: DictConfig, identity: dict[str, Any]) -> dict[str, dict[str, Any]]:

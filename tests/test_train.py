@@ -273,3 +273,25 @@ def test_training_diagnostics_reach_metrics_csv(make_cfg, experiment, steps, exp
     cosines = [float(r["diag/pg_grad_cosine"]) for r in rows if r.get("diag/pg_grad_cosine")]
     assert all(-1 <= c <= 1 for c in cosines)
     assert (Path(cfg.paths.output_dir) / "training.png").is_file()  # the curves, plotted
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "eval.n=0",
+        "eval.n=-5",
+        "eval.draws=0",
+        "eval.draws=-1",
+        "eval.periodic_n=0",
+        "eval.periodic_n=-200",
+        "eval.floor_draws=-1",
+        "eval.w2_points=0",
+        "eval.batch_size=-10",
+    ],
+)
+def test_a_non_positive_eval_size_fails_before_training_and_names_its_key(make_cfg, override):
+    key, value = override.split("=")
+    cfg = make_cfg("experiment=swiss_roll_ddpm", "debug=fast", override)
+    with pytest.raises(ValueError, match=rf"^{key}={value}: expected an int >= 1"):
+        train(cfg)
+    assert not (Path(cfg.paths.output_dir) / "checkpoints").exists()  # nothing trained
