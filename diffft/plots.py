@@ -1,4 +1,5 @@
-"""Sample plots: scatter of each sampler's samples over the data (2-D), image grids."""
+"""Sample plots: scatter of each sampler's samples over the data (2-D and up), histograms (1-D),
+image grids."""
 
 from __future__ import annotations
 
@@ -27,6 +28,29 @@ def scatter_samples(
         ax.set_xlim(lo[0].item(), hi[0].item())
         ax.set_ylim(lo[1].item(), hi[1].item())
         ax.set_aspect("equal")
+    return _save(fig, path)
+
+
+def histogram_samples(
+    samples: dict[str, torch.Tensor],
+    data: torch.Tensor,
+    path: str | Path,
+    n: int = 5_000,
+    bins: int = 60,
+) -> Path:
+    """One panel per sampler: the histogram of its samples (blue) over the real data's (grey), for
+    1-D points (a one-column points file), which have no second dimension to scatter against."""
+    k = len(samples)
+    fig, axes = plt.subplots(1, k, figsize=(4 * k, 3), squeeze=False)
+    d = data[:n, 0].float().cpu()
+    pad = 0.25 * d.std().item()
+    edges = torch.linspace(d.min().item() - pad, d.max().item() + pad, bins + 1).numpy()
+    for ax, (name, x) in zip(axes[0], samples.items(), strict=True):
+        x = x[:n].detach().float().cpu().flatten(1)[:, 0]
+        ax.hist(d.numpy(), bins=edges, density=True, color="0.7", alpha=0.7, label="data")
+        ax.hist(x.numpy(), bins=edges, density=True, histtype="step", color="tab:blue", lw=1.5)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlim(edges[0], edges[-1])
     return _save(fig, path)
 
 

@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -295,3 +296,20 @@ def test_a_non_positive_eval_size_fails_before_training_and_names_its_key(make_c
     with pytest.raises(ValueError, match=rf"^{key}={value}: expected an int >= 1"):
         train(cfg)
     assert not (Path(cfg.paths.output_dir) / "checkpoints").exists()  # nothing trained
+
+
+def test_a_one_column_points_file_trains_and_plots_histograms(make_cfg, tmp_path):
+    x = np.random.default_rng(0).normal(size=(500, 1))
+    np.save(tmp_path / "line.npy", np.concatenate([x[:250] - 2, x[250:] + 2]))
+    cfg = make_cfg(
+        "experiment=swiss_roll_ddpm",
+        "debug=fast",
+        "dataset=points_file",
+        f"dataset.path={tmp_path}/line.npy",
+        "eval.periodic_plots=true",  # the periodic plots go through the same datamodule.plot
+    )
+    rows = train(cfg)
+    out = Path(cfg.paths.output_dir)
+    assert "DDPM T=10" in rows and cfg.dataset.event_shape == [1]
+    assert (out / "samples.png").stat().st_size > 0
+    assert sorted(p.name for p in (out / "plots").glob("step_*.png"))  # periodic plots too

@@ -16,7 +16,7 @@ import torch
 from sklearn.datasets import make_swiss_roll
 
 from diffft.data.base import DataError, InMemoryDataModule
-from diffft.plots import scatter_samples
+from diffft.plots import histogram_samples, scatter_samples
 
 __all__ = ["GENERATORS", "DataError", "ToyDataModule", "load_points_file"]
 
@@ -165,8 +165,11 @@ class ToyDataModule(InMemoryDataModule):
         self.check_event_shape(f"'{self.path}'" if self.path else self.name)
 
     def plot(self, samples: dict[str, torch.Tensor], path: str | Path) -> Path:
-        """A scatter of each row's samples over the training data (dims 0 and 1)."""
+        """A scatter of each row's samples over the training data (dims 0 and 1); 1-D data (a
+        one-column points file) have no dim 1: histograms instead."""
         self.setup()
+        if self.train.shape[1] == 1:
+            return histogram_samples(samples, self.train, path)
         return scatter_samples(samples, self.train, path)
 
     def fresh(self, n: int, seed: int, reference: str = "train") -> torch.Tensor:
