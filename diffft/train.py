@@ -25,7 +25,7 @@ import torch.distributed as dist
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.types import RunMode
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -35,7 +35,7 @@ from diffft.callbacks.evaluation import PeriodicEvaluation
 from diffft.diffusion.sampler import SOLVERS, Sampler
 from diffft.evaluation import METRICS, Evaluator, format_table
 from diffft.media import finish, log_config, log_image
-from diffft.methods.base import NonFiniteLossError, load_method
+from diffft.methods.base import NonFiniteLossError, load_method, read_checkpoint
 from diffft.plots import training_curves
 from diffft.stages import (
     cached_stage,
@@ -138,6 +138,7 @@ def train(cfg: DictConfig) -> dict[str, dict[str, list[float]]]:
     datamodule = resolve_data(cfg)  # first: a bad path fails before any stage trains
     check_solvers(cfg)
     check_eval_sizes(cfg)
+    check_resume(cfg)
     check_writable(cfg)
     references_for(cfg, datamodule.identity())  # a bad eval.references fails now, not after fit
     evaluator = Evaluator(
@@ -240,6 +241,25 @@ def check_requires(cfg: DictConfig) -> None:
                 f"requires.{name}: this experiment needs {spec.get('why') or name}; set "
                 + " or ".join(f"{k}=..." for k in keys)
             )
+
+
+def check_resume(cfg: DictConfig) -> None:
+    """``ckpt_path``: a readable checkpoint of this run's method, checked before any stage
+    trains: Lightning reads it only when ``fit`` starts, after the pretraining stage, and then
+    fails with torch's unpickling error or ~30 lines of missing and unexpected keys."""
+    path = str(cfg.get("ckpt_path") or "")
+    # Lightning's own names (last, best, hpc, registry[:...]) and remote URLs stay Lightning's.
+    if not path or path in ("last", "best", "hpc") or path.startswith("registry") or "://" in path:
+        return
+    saved = read_checkpoint(path, "ckpt_path")["diffft_method"]
+    cls = get_class(cfg.method._target_)
+    ours = f"{cls.__module__}.{cls.__qualname__}"  # as SamplerMethod.on_save_checkpoint names it
+    if saved != ours:
+        raise ValueError(
+            f"ckpt_path='{path}' holds a {saved} checkpoint, but this run's method is {ours}; "
+            "resume from a checkpoint of a run of this method (a DDPM to fine-tune from goes "
+            "to method.init_from)"
+        )
 
 
 def needs_encoder_stage(cfg: DictConfig) -> bool:

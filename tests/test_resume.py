@@ -7,6 +7,7 @@ the same run uninterrupted: the data order in the middle of an epoch and every r
 """
 
 import os
+import re
 import signal
 from pathlib import Path
 
@@ -173,3 +174,40 @@ def test_unwritable_output_dir_fails_before_training(make_cfg, tmp_path):
     with pytest.raises(ValueError, match="paths.output_dir=.*is not writable"):
         train(cfg)
     assert not (Path(cfg.paths.cache_dir) / "pretrain").exists()  # nothing trained
+
+
+def test_a_damaged_or_foreign_ckpt_path_fails_before_anything_trains(make_cfg, tmp_path):
+    torch.save({"state_dict": {"w": torch.zeros(1000)}}, tmp_path / "plain.ckpt")
+    whole = (tmp_path / "plain.ckpt").read_bytes()
+    (tmp_path / "truncated.ckpt").write_bytes(whole[: len(whole) // 2])
+    (tmp_path / "notes.ckpt").write_text("not a checkpoint\n")
+    # What diffft.train writes, as far as the check reads it: the method's class.
+    for cls in ("sft_pg.SFTPG", "ddpm.DDPM"):
+        torch.save({"diffft_method": f"diffft.methods.{cls}"}, tmp_path / f"{cls}.ckpt")
+    unreadable = r"is not a readable checkpoint \(truncated or not a torch file\): "
+    cases = [
+        ("swiss_roll_sft_pg", "truncated.ckpt", unreadable),
+        ("swiss_roll_sft_pg", "notes.ckpt", unreadable),
+        ("swiss_roll_sft_pg", "plain.ckpt", r"was not written by diffft.train"),
+        (
+            "swiss_roll_ddpm",
+            "sft_pg.SFTPG.ckpt",
+            r"holds a diffft.methods.sft_pg.SFTPG checkpoint, but this run's method is "
+            r"diffft.methods.ddpm.DDPM",
+        ),
+        (
+            "swiss_roll_sft_pg",
+            "ddpm.DDPM.ckpt",
+            r"holds a diffft.methods.ddpm.DDPM checkpoint, but this run's method is "
+            r"diffft.methods.sft_pg.SFTPG",
+        ),
+    ]
+    for experiment, name, match in cases:
+        path = str(tmp_path / name)
+        cfg = make_cfg(f"experiment={experiment}", "debug=fast", f"ckpt_path={path}")
+        with pytest.raises(ValueError, match=rf"^ckpt_path='{re.escape(path)}' {match}"):
+            train(cfg)
+        assert not (Path(cfg.paths.cache_dir) / "pretrain").exists()  # no stage trained
+        assert not (Path(cfg.paths.output_dir) / "checkpoints").exists()
+    with pytest.raises(FileNotFoundError, match="ckpt_path='/nope.ckpt': no such file"):
+        train(make_cfg("experiment=swiss_roll_ddpm", "debug=fast", "ckpt_path=/nope.ckpt"))

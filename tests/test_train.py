@@ -3,6 +3,7 @@
 import copy
 import csv
 import json
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
@@ -313,3 +314,23 @@ def test_a_one_column_points_file_trains_and_plots_histograms(make_cfg, tmp_path
     assert "DDPM T=10" in rows and cfg.dataset.event_shape == [1]
     assert (out / "samples.png").stat().st_size > 0
     assert sorted(p.name for p in (out / "plots").glob("step_*.png"))  # periodic plots too
+
+
+def test_a_damaged_or_foreign_file_is_one_clear_error_when_loaded(tmp_path):
+    from diffft.methods.base import load_method
+    from diffft.sample import sample_checkpoint
+
+    torch.save({"state_dict": {"w": torch.zeros(1000)}}, tmp_path / "plain.ckpt")
+    whole = (tmp_path / "plain.ckpt").read_bytes()
+    (tmp_path / "truncated.ckpt").write_bytes(whole[: len(whole) // 2])
+    (tmp_path / "notes.ckpt").write_text("not a checkpoint\n")
+    for name in ("truncated.ckpt", "notes.ckpt"):
+        path = str(tmp_path / name)
+        match = rf"^ckpt='{re.escape(path)}' is not a readable checkpoint \(truncated or not a"
+        with pytest.raises(ValueError, match=match):
+            load_method(path)
+        with pytest.raises(ValueError, match=match):
+            sample_checkpoint(path, n=5)
+    path = str(tmp_path / "plain.ckpt")
+    with pytest.raises(ValueError, match=rf"^ckpt='{re.escape(path)}' was not written by"):
+        load_method(path)

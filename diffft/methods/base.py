@@ -156,11 +156,31 @@ def known_hparams(cls: type, hparams: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in hparams.items() if k in known}
 
 
-def load_method(path: str) -> SamplerMethod:
-    """The method saved in a checkpoint written by ``python -m diffft.train``."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    if "diffft_method" not in ckpt:
-        raise ValueError(f"ckpt: '{path}' was not written by diffft.train (no 'diffft_method')")
+def read_checkpoint(path: str | Path, key_name: str = "ckpt") -> dict[str, Any]:
+    """A checkpoint written by ``python -m diffft.train``, read onto the CPU. A damaged file (a copy
+    cut short), any other file, or a torch file of something else is one error naming
+    ``key_name`` and the file, instead of torch's ``OSError`` / ``UnpicklingError`` traceback."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{key_name}='{path}': no such file")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # what a broken pickle or zip raises varies: EOF, OS, Runtime...
+        reason = (str(err).strip().splitlines() or [""])[0][:200]
+        raise ValueError(
+            f"{key_name}='{path}' is not a readable checkpoint (truncated or not a torch file): "
+            f"{type(err).__name__}: {reason}"
+        ) from None
+    if not isinstance(ckpt, dict) or "diffft_method" not in ckpt:
+        raise ValueError(
+            f"{key_name}='{path}' was not written by diffft.train (no 'diffft_method')"
+        )
+    return ckpt
+
+
+def load_method(path: str, key_name: str = "ckpt") -> SamplerMethod:
+    """The method saved in a checkpoint written by ``python -m diffft.train``; errors name the
+    file as ``key_name`` (the config key or argument it came from)."""
+    ckpt = read_checkpoint(path, key_name)
     module, _, name = ckpt["diffft_method"].rpartition(".")
     cls = getattr(importlib.import_module(module), name)
     # What LightningModule.load_from_checkpoint does, without reading the file a second time;

@@ -206,7 +206,7 @@ class ContrastiveChain(FineTuneMethod):
             )
         from diffft.methods.encoder import ContrastiveEncoder
 
-        stage = load_method(encoder_from)
+        stage = load_method(encoder_from, "method.encoder_from")
         if not isinstance(stage, ContrastiveEncoder):
             raise ValueError(
                 f"method.encoder_from='{encoder_from}' is a {type(stage).__name__}, not an "

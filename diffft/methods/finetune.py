@@ -46,7 +46,7 @@ class FineTuneMethod(SamplerMethod):
         if ddpm_hparams is None:
             if not init_from:
                 raise ValueError("method.init_from is empty: set it to a DDPM checkpoint")
-            ddpm = load_method(init_from)
+            ddpm = load_method(init_from, "method.init_from")
             if not isinstance(ddpm, DDPM):
                 raise ValueError(
                     f"method.init_from='{init_from}' is a {type(ddpm).__name__}, not a DDPM"
