@@ -56,6 +56,10 @@ def sample_checkpoint(
     solver: str | None = None,
     batch_size: int | None = None,
 ) -> np.ndarray:
+    """``n`` samples of the checkpoint's sampler as float32 ``[n, *event_shape]``."""
+    # Checked first: n=0 would load the model only to write an empty array without a word.
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n={n}: expected an int >= 1 (the number of samples to write)")
     sampler = checkpoint_sampler(ckpt, steps, subsample, solver)
     g = torch.Generator(sampler.device).manual_seed(seed)
     with torch.no_grad():

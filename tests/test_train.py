@@ -316,6 +316,17 @@ def test_a_one_column_points_file_trains_and_plots_histograms(make_cfg, tmp_path
     assert sorted(p.name for p in (out / "plots").glob("step_*.png"))  # periodic plots too
 
 
+def test_sample_refuses_a_non_positive_n(make_cfg, tmp_path):
+    from diffft.sample import sample_checkpoint
+
+    cfg = make_cfg("experiment=swiss_roll_ddpm", "debug=fast", "eval.every_n_batches=0")
+    train(cfg)
+    ckpt = str(Path(cfg.paths.output_dir) / "checkpoints/last.ckpt")
+    for n in (0, -3):
+        with pytest.raises(ValueError, match=rf"^n={n}: expected an int >= 1"):
+            sample_checkpoint(ckpt, n=n)
+
+
 def test_a_damaged_or_foreign_file_is_one_clear_error_when_loaded(tmp_path):
     from diffft.methods.base import load_method
     from diffft.sample import sample_checkpoint
