@@ -56,7 +56,8 @@ def sample_checkpoint(
     solver: str | None = None,
     batch_size: int | None = None,
 ) -> np.ndarray:
-    """``n`` samples of the checkpoint's sampler as float32 ``[n, *event_shape]``."""
+    """``n`` samples of the checkpoint's sampler as float32 ``[n, *event_shape]`` (images
+    ``[n, C, H, W]`` clipped to [-1, 1])."""
     # Checked first: n=0 would load the model only to write an empty array without a word.
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"n={n}: expected an int >= 1 (the number of samples to write)")
@@ -64,6 +65,8 @@ def sample_checkpoint(
     g = torch.Generator(sampler.device).manual_seed(seed)
     with torch.no_grad():
         x = sampler.sample(n, generator=g, batch_size=batch_size)
+    if x.dim() == 4:  # images: clipped to the data's [-1, 1], as the FID features see them
+        x = x.clamp(-1.0, 1.0)
     return x.cpu().numpy().astype(np.float32)
 
 

@@ -67,6 +67,12 @@ def test_every_experiment_composes_and_runs(experiment, make_cfg):
         assert (out / "checkpoints/last.ckpt").is_file() and not (out / "samples.png").exists()
         return
     assert "data floor" in rows and len(rows) >= 2
+    if experiment.startswith("mnist_"):  # a user's array of real-MNIST-sized samples
+        from diffft.sample import sample_checkpoint
+
+        x = sample_checkpoint(str(out / "checkpoints/last.ckpt"), n=6)
+        assert x.shape == (6, 1, 14, 14) and x.dtype == "float32"
+        assert -1 <= x.min() and x.max() <= 1
     for name in (
         "config.yaml",
         "summary.md",
