@@ -65,7 +65,7 @@ def sample_checkpoint(
     g = torch.Generator(sampler.device).manual_seed(seed)
     with torch.no_grad():
         x = sampler.sample(n, generator=g, batch_size=batch_size)
-    if x.dim() == 4:  # images: clipped to the data's [-1, 1], as the FID features see them
+    if x.dim() == 4:  # images: clipped to the data's [-1, 1] (Inception FID clamps the same way)
         x = x.clamp(-1.0, 1.0)
     return x.cpu().numpy().astype(np.float32)
 

@@ -345,7 +345,10 @@ def report(
     main = next(iter(shown.values()))
     for path in method.extra_plots(out, datamodule.train, main):  # e.g. DxMI's energy and values
         log_image(loggers or [], f"samples/{path.stem}", path, step=method.batches_done)
-    training_curves(out / "metrics.csv", out / "training.png")  # losses and diagnostics
+    try:  # losses and diagnostics; a plot must not cost the run its table
+        training_curves(out / "metrics.csv", out / "training.png")
+    except Exception as err:  # noqa: BLE001
+        log.warning("training.png not written: %s: %s", type(err).__name__, err)
     print("\n" + header + "\n" + table + f"\n\noutputs: {out}\n", flush=True)
     return rows
 

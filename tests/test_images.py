@@ -148,7 +148,7 @@ def test_mnist5k_14_is_the_2x2_average_of_28():
     torch.testing.assert_close(half.train[:5], pooled)
     with pytest.raises(DataError, match="dataset.image_size=10: mnist5k images can be 28 or 14"):
         ImageDataModule("mnist5k", image_size=10)
-    with pytest.raises(DataError, match="dataset.image_size=4: digits images can be null"):
+    with pytest.raises(DataError, match="dataset.image_size=4: digits images are 8x8"):
         ImageDataModule("digits", image_size=4)
 
 

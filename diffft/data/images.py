@@ -111,10 +111,12 @@ class ImageDataModule(InMemoryDataModule):
         if image_size is not None and (
             name != "mnist5k" or image_size not in (native, native // 2)
         ):
-            allowed = f"{native} or {native // 2}" if name == "mnist5k" else "null"
-            raise DataError(
-                f"dataset.image_size={image_size}: {name} images can be {allowed} pixels wide"
+            allowed = (
+                f"can be {native} or {native // 2} pixels wide"
+                if name == "mnist5k"
+                else (f"are {native}x{native}: set dataset.image_size=null")
             )
+            raise DataError(f"dataset.image_size={image_size}: {name} images {allowed}")
         self.image_size = image_size
         if not 0 < test_fraction < 1:
             raise DataError(f"dataset.test_fraction={test_fraction}; expected 0 < f < 1")

@@ -14,7 +14,7 @@ methods log them (``diag/...``) on their logging batches (``trainer.log_every_n_
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
@@ -40,6 +40,40 @@ def gradient_cosine(
     flat_a = torch.cat([x.flatten().float() for x, _ in pairs])
     flat_b = torch.cat([y.flatten().float() for _, y in pairs])
     return torch.nn.functional.cosine_similarity(flat_a, flat_b, dim=0).detach()
+
+
+def split_gradient_cosine(
+    loss_of: Callable[[slice], torch.Tensor],
+    n: int,
+    params: Iterable[torch.nn.Parameter],
+    chunk: int | None = None,
+) -> torch.Tensor:
+    """The cosine between the gradients of ``loss_of`` (a mean over the items of a slice) on
+    the first and the second half of ``n`` items: two independent estimates of one step's
+    gradient (near 0: the step is mostly noise). Each half is back-propagated ``chunk`` items
+    at a time (the memory of the method's own step) with the random state forked, so the extra
+    passes change nothing the run draws (dropout masks included). NaN when ``n < 2``."""
+    params = [p for p in params if p.requires_grad]
+    if n < 2 or not params:
+        return torch.tensor(float("nan"))
+    devices = sorted({p.device.index or 0 for p in params if p.device.type == "cuda"})
+    halves = [slice(0, n // 2), slice(n // 2, n)]
+    estimates = []
+    with torch.random.fork_rng(devices=devices):
+        for half in halves:
+            size = half.stop - half.start
+            step = chunk or size
+            total: list[torch.Tensor | None] = [None] * len(params)
+            for start in range(half.start, half.stop, step):
+                part = slice(start, min(start + step, half.stop))
+                weight = (part.stop - part.start) / size
+                grads = torch.autograd.grad(loss_of(part) * weight, params, allow_unused=True)
+                total = [
+                    g if t is None else (t if g is None else t + g)
+                    for t, g in zip(total, grads, strict=True)
+                ]
+            estimates.append(total)
+    return gradient_cosine(*estimates)
 
 
 @torch.no_grad()

@@ -321,7 +321,9 @@ class DxMI(FineTuneMethod):
         if not any(optimizer is o.optimizer for o in sampler_opts):
             return
         if optimizer is sampler_opts[0].optimizer and self.logging_batch():
-            self.log("diag/sampler_grad_norm", grad_norm(self.chain.parameters()))
+            # this optimiser's parameters only: Lightning unscaled (16-mixed) just these
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            self.log("diag/sampler_grad_norm", grad_norm(params))
         if self.hparams.grad_clip:
             self.clip_gradients(optimizer, self.hparams.grad_clip, "norm")
 

@@ -51,9 +51,9 @@ from hydra.utils import instantiate
 from diffft.diffusion.chain import GaussianChain, Trajectory
 from diffft.methods.diagnostics import (
     grad_norm,
-    gradient_cosine,
     sample_diagnostics,
     sigma_logs,
+    split_gradient_cosine,
 )
 from diffft.methods.finetune import FineTuneMethod
 from diffft.methods.losses import (
@@ -239,12 +239,11 @@ class SFTPG(FineTuneMethod):
                 return policy_gradient_loss(log_prob, adv)
 
             if j == 0 and self.logging_batch() and self.trainer.world_size == 1:
-                halves = torch.arange(idx.numel(), device=idx.device).chunk(2)
-                grads = [
-                    torch.autograd.grad(loss_of(h), self.chain.parameters(), allow_unused=True)
-                    for h in halves
-                ]  # two estimates of the step's gradient from disjoint halves of its minibatch
-                self.log("diag/pg_grad_cosine", gradient_cosine(*grads))
+                # two estimates of the step's gradient from disjoint halves of its minibatch
+                cosine = split_gradient_cosine(
+                    loss_of, idx.numel(), self.chain.parameters(), hp.grad_chunk
+                )
+                self.log("diag/pg_grad_cosine", cosine)
             loss = self.accumulate([opt_g], idx.numel(), loss_of, hp.grad_chunk, "sampler")
         return loss
 
@@ -266,8 +265,9 @@ class SFTPG(FineTuneMethod):
         # clips the true gradient norm under every precision.
         if optimizer is not self.optimizers()[0].optimizer:
             return
-        if self.logging_batch():
-            self.log("diag/sampler_grad_norm", grad_norm(self.chain.parameters()))
+        if self.logging_batch():  # (after Lightning unscaled this optimiser's gradients)
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            self.log("diag/sampler_grad_norm", grad_norm(params))
         if self.hparams.grad_clip:
             self.clip_gradients(optimizer, self.hparams.grad_clip, "norm")
 
