@@ -180,12 +180,7 @@ class GaussianChain(nn.Module):
 
     def sigma(self, k: torch.Tensor) -> torch.Tensor:
         """sigma_k per sample, shape ``[n, 1, ...]`` (broadcastable against x)."""
-        if self.log_sigma is None:
-            table = self.fixed_sigma
-        elif self.fixed_last:
-            table = self.log_sigma_table().exp()
-        else:
-            table = self.log_sigma.exp()
+        table = self.fixed_sigma if self.log_sigma is None else self.log_sigma_table().exp()
         return self._per_sample(table, k)
 
     def mean(self, x_k: torch.Tensor, k: torch.Tensor) -> torch.Tensor:

@@ -62,7 +62,7 @@ from hydra.utils import get_object, instantiate
 from torch import nn
 
 from diffft.diffusion.chain import GaussianChain
-from diffft.methods.diagnostics import grad_norm, sample_diagnostics, sigma_logs
+from diffft.methods.diagnostics import sample_diagnostics, sigma_logs
 from diffft.methods.finetune import FineTuneMethod
 from diffft.methods.losses import (
     avr_update,
@@ -320,10 +320,8 @@ class DxMI(FineTuneMethod):
         sampler_opts = self.optimizers()[:2]
         if not any(optimizer is o.optimizer for o in sampler_opts):
             return
-        if optimizer is sampler_opts[0].optimizer and self.logging_batch():
-            # this optimiser's parameters only: Lightning unscaled (16-mixed) just these
-            params = [p for group in optimizer.param_groups for p in group["params"]]
-            self.log("diag/sampler_grad_norm", grad_norm(params))
+        if optimizer is sampler_opts[0].optimizer:
+            self.log_grad_norm(optimizer)
         if self.hparams.grad_clip:
             self.clip_gradients(optimizer, self.hparams.grad_clip, "norm")
 

@@ -13,6 +13,7 @@ import torch
 from diffft.diffusion.chain import GaussianChain
 from diffft.methods.base import SamplerMethod, known_hparams, load_method
 from diffft.methods.ddpm import DDPM
+from diffft.methods.diagnostics import grad_norm
 
 
 class FineTuneMethod(SamplerMethod):
@@ -70,6 +71,14 @@ class FineTuneMethod(SamplerMethod):
         self.init_chain = copy.deepcopy(self.chain).requires_grad_(False)
         self.register_buffer("iteration", torch.zeros((), dtype=torch.long))
         return self.chain
+
+    def log_grad_norm(self, optimizer: torch.optim.Optimizer) -> None:
+        """Log ``diag/sampler_grad_norm`` of ``optimizer``'s parameters on logging batches; call
+        from ``on_before_optimizer_step``, where Lightning has unscaled (16-mixed) just these
+        gradients and clipping has not yet run."""
+        if self.logging_batch():
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            self.log("diag/sampler_grad_norm", grad_norm(params))
 
     def chain_like(self, steps: int) -> GaussianChain:
         """A ``steps``-step chain on the same eps-network as ``self.chain`` (shared parameters)

@@ -50,7 +50,6 @@ from hydra.utils import instantiate
 
 from diffft.diffusion.chain import GaussianChain, Trajectory
 from diffft.methods.diagnostics import (
-    grad_norm,
     sample_diagnostics,
     sigma_logs,
     split_gradient_cosine,
@@ -265,9 +264,7 @@ class SFTPG(FineTuneMethod):
         # clips the true gradient norm under every precision.
         if optimizer is not self.optimizers()[0].optimizer:
             return
-        if self.logging_batch():  # (after Lightning unscaled this optimiser's gradients)
-            params = [p for group in optimizer.param_groups for p in group["params"]]
-            self.log("diag/sampler_grad_norm", grad_norm(params))
+        self.log_grad_norm(optimizer)
         if self.hparams.grad_clip:
             self.clip_gradients(optimizer, self.hparams.grad_clip, "norm")
 
