@@ -41,7 +41,9 @@ from typing import Any
 import numpy as np
 from omegaconf import OmegaConf
 
-FLOOR = "data floor"
+from diffft.report.references import reference_text, references_for
+from diffft.report.summary import FLOOR, as_label_keys, labels_by_id
+
 EXCLUDED_PREFIXES = ("paths.", "hydra.")
 FOOTER = (
     "mean ± sd over all evaluation draws of all runs (seeds × draws); runs = runs pooled; "
@@ -122,19 +124,12 @@ def load_config(run: Path) -> dict[str, Any]:
 
 
 def references(run: Path) -> dict[str, str]:
-    """``{row: "source value, ..."}`` from a run's ``eval.references``, when its data are those
-    of ``eval.reference_data`` and its config has the ``eval.reference_when`` values (as
-    ``diffft.train.references_for`` decides for its table)."""
+    """``{row label: "source value, ..."}`` from a run's ``eval.references`` (keyed by row id;
+    the run's ``rows.json`` gives each id its label), by the rule of its own table
+    (``diffft.report.references``; the data are judged by the run's ``dataset`` node)."""
     cfg = OmegaConf.to_container(OmegaConf.load(run / "config.yaml"))
-    ev, data = cfg.get("eval") or {}, cfg.get("dataset") or {}
-    on = ev.get("reference_data")
-    if on is not None and any(data.get(k) != v for k, v in on.items()):
-        return {}
-    flat = flatten(cfg)
-    if any(flat.get(k) != v for k, v in (ev.get("reference_when") or {}).items()):
-        return {}
-    refs = ev.get("references") or {}
-    return {row: ", ".join(f"{k} {v}" for k, v in r.items()) for row, r in refs.items() if r}
+    refs = references_for(cfg, cfg.get("dataset") or {})
+    return {k: reference_text(v) for k, v in as_label_keys(refs, labels_by_id(run)).items()}
 
 
 def default_by(runs: list[Path], configs: list[dict[str, Any]], over: tuple[str, ...]) -> list[str]:

@@ -29,6 +29,13 @@ def checkpoint_sampler(
     if not Path(ckpt).is_file():
         raise FileNotFoundError(f"ckpt: no such file '{ckpt}'")
     method = load_method(ckpt).eval()
+    by_nfe = {r.nfe: r for r in method.rows() if r.nfe is not None and r.role != "init"}
+    if by_nfe and solver is None:  # e.g. a distilled student per number of steps
+        if steps is None:
+            return method.main_row().sampler
+        if steps not in by_nfe:
+            raise ValueError(f"steps={steps}: this checkpoint samples with {sorted(by_nfe)} steps")
+        return by_nfe[steps].sampler
     chain = method.eval_chain
     if (solver is not None or steps not in (None, chain.steps)) and not isinstance(method, DDPM):
         raise ValueError(

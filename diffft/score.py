@@ -23,13 +23,12 @@ def score_points(ckpt: str, points: np.ndarray, batch_size: int = 10_000) -> np.
     if not Path(ckpt).is_file():
         raise FileNotFoundError(f"ckpt: no such file '{ckpt}'")
     method = load_method(ckpt).eval()
-    energies = method.energies()
-    if not energies:
+    energy = method.main_row().energy
+    if energy is None:
         raise ValueError(
             f"ckpt: this {type(method).__name__} checkpoint has no learned energy; "
             "diffft.score needs an energy-based method (method=dxmi)"
         )
-    energy = next(iter(energies.values()))
     shape = method.chain.event_shape
     if tuple(points.shape[1:]) != tuple(shape):
         raise ValueError(

@@ -1,6 +1,6 @@
 """``python -m diffft.train_stage RUN_CONFIG OVERRIDE...``: train one cached stage.
 
-``diffft.stages.start_compare_stages`` runs this in the background for the ``eval.compare``
+``diffft.report.stages.start_compare_stages`` runs this in the background for the ``eval.compare``
 stages of a run (``RUN_CONFIG`` = that run's resolved ``config.yaml``: its data, backbone, cache
 dir, debug stage settings, threads). The stage lock makes the run wait for it before it builds
 its table.
@@ -15,7 +15,7 @@ import torch
 from hydra import initialize_config_module
 from omegaconf import OmegaConf, open_dict
 
-from diffft.stages import cached_stage
+from diffft.report.stages import cached_stage
 from diffft.train import train
 
 

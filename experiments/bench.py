@@ -1,13 +1,29 @@
-"""Speed of diffft on the SFT-PG swiss-roll DDPM setup, one CPU thread (``make bench``).
+"""Speed of diffft against bare PyTorch loops of the same losses (``make bench``).
 
-1. ``step``: ms per training step of diffft's real Lightning path (config composed as in
-   ``tests/conftest.py``, trainer from ``diffft.train.build_trainer``) against a bare PyTorch loop
-   with the same model, loss, optimiser, grad clip, EMA and in-memory index-slice batches.
-2. ``quality``: wall time of ``diffft.train.train`` from the start of fit to the first periodic
-   evaluation with ``sw_paper <= 8.5``, against the released SFT-PG code (0.28 s/epoch x 2000).
+The ``*step`` parts time a method's own update code: its LightningModule (``diffft.methods``),
+instantiated from the composed config as ``diffft.train`` does and driven through
+``training_step`` by a ``lightning.Trainer`` built from ``cfg.trainer`` (no logger, checkpoint or
+periodic evaluation: they are I/O, not the update), timed per batch after a warm-up
+(``StepTimer``). The reference is a bare loop calling the same loss functions
+(``diffft.methods.losses``, ``denoising_loss``) on the same kind of networks and chain
+(``diffft.nets``, ``diffft.diffusion``) with the same optimisers and batch sizes. ``ratio`` = bare
+ms / diffft ms, diffft's rate as a share of the bare loop's (1.0: the framework costs nothing).
+One thread, as the toy configs run (``threads: 1``). The weights are untrained: the time of an
+update does not depend on them.
 
-Runs alternate (bare, diffft, bare, ...) so that load from other work hits both alike; each
-number is the median of the repeats, with the min-max spread beside it.
+* ``step``: a DDPM step (swiss roll, TimeMLP, batch 128), also with the progress bar on.
+* ``sft_step``: an SFT-PG critic iteration (swiss roll, T' = 10, MLP critic, TimeMLP baseline).
+* ``dxmi_step``: a DxMI iteration (8 gaussians, T = 5, energy MLP, TimeMLP value).
+* ``quality`` / ``sft_e2e``: wall time of ``diffft.train.train`` to a sw_paper target against the
+  released SFT-PG code: DDPM pretraining; SFT-PG end to end from an empty cache.
+* ``images``: samples/s of the digits UNet chain at T' = 10 over T = 1000.
+* ``memory``: peak memory of back-propagation through the digits chain with / without per-step
+  checkpointing (``experiments/memory.py``, one process per measurement).
+* ``ddp``: samples/s of ``python -m diffft.train hardware=ddp_cpu`` with 2 ranks over 1.
+
+Repeats alternate (bare, diffft, bare, ...) so that load from other work hits both alike; each
+number is the median of the repeats. ``--quick`` runs every part at tiny sizes (the subprocess
+parts beside the others): a smoke test, not a measurement.
 """
 
 from __future__ import annotations
@@ -15,7 +31,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import io
+import itertools
 import json
 import logging
 import math
@@ -25,10 +41,10 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import textwrap
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -37,754 +53,577 @@ import lightning as L
 import torch
 from hydra import compose, initialize_config_module
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import TQDMProgressBar
 from omegaconf import DictConfig, OmegaConf
+from torch import Tensor
+from torch.optim.lr_scheduler import CosineAnnealingLR, LambdaLR
 
 import diffft.train as dtrain
-from diffft.callbacks.evaluation import PeriodicEvaluation
+from diffft.diffusion.chain import GaussianChain, Trajectory
 from diffft.diffusion.forward import denoising_loss
-from diffft.diffusion.schedules import alpha_bar, beta_schedule
+from diffft.diffusion.schedules import alpha_bar, beta_schedule, subsample
 from diffft.evaluation import Evaluator
+from diffft.methods import losses
+from diffft.methods.costs import build_cost
 
-REFERENCE_S = 0.28 * 2000  # released SFT-PG pretraining: 0.28 s/epoch x 2000 epochs, 1 thread
-SW_TARGET = 8.5  # the reference ends at sw_paper 8.1-8.3
-EVERY = 500  # periodic evaluation interval (batches)
-RESULTS = Path(__file__).parent / "results" / "bench.md"
+RESULTS = Path(__file__).parent / "results"
+# The released SFT-PG code on this machine class, one thread (specs): DDPM pretraining 0.28 s per
+# epoch x 2000 epochs, then 0.083 s per critic iteration x 79 per epoch x 200-300 epochs (at 200
+# its sw_paper is still above the floor: the lower bound is the conservative reference).
+PRETRAIN_S, SFT_ITERATION_S = 0.28 * 2000, 0.083
+SFT_REFERENCE_S = PRETRAIN_S + SFT_ITERATION_S * 79 * 200
 
 
-def make_cfg(tmp: Path, *overrides: str) -> DictConfig:
-    """The real config, composed as tests/conftest.py does (needs Hydra initialised)."""
+# -- diffft's way: the method's training_step under a Lightning Trainer ---------------------------
+def config(tmp: Path, *overrides: str) -> tuple[DictConfig, Any]:
+    """The composed config (outputs under ``tmp``) with its data resolved as ``diffft.train``
+    resolves them (``dataset.event_shape``, which the networks are built for), and the data."""
     paths = [f"paths.output_dir={tmp}/out", f"paths.cache_dir={tmp}/cache"]
-    return compose("train", overrides=[*paths, "experiment=swiss_roll_ddpm", *overrides])
+    cfg = compose("train", overrides=[*paths, *overrides])
+    return cfg, dtrain.resolve_data(cfg)
+
+
+def build(cfg: DictConfig, init_from: str | None = None) -> L.LightningModule:
+    """The configured method, instantiated as ``diffft.train`` does (seeded)."""
+    L.seed_everything(cfg.seed, verbose=False)
+    kwargs = {"init_from": init_from} if init_from else {}
+    method_cfg = OmegaConf.to_container(cfg.method, resolve=True)
+    return instantiate(method_cfg, _recursive_=False, _convert_="all", **kwargs)
+
+
+def pretrained(tmp: Path, cfg: DictConfig) -> tuple[str, DictConfig]:
+    """The DDPM of ``cfg``'s pretrain stage after one step, saved by ``trainer.save_checkpoint``
+    (what a fine-tuning method's ``init_from`` reads); and the stage's config."""
+    pre, dm = config(tmp, *cfg.pretrain.overrides)
+    kw = {"logger": False, "enable_checkpointing": False, "enable_progress_bar": False}
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, enable_model_summary=False, **kw)
+    with quiet():
+        trainer.fit(build(pre), datamodule=dm)
+    path = tmp / f"{pre.task_name}-{time.monotonic_ns()}.ckpt"
+    trainer.save_checkpoint(path)
+    return str(path), pre
 
 
 class StepTimer(L.Callback):
-    """Wall time per training batch of the loop only (fit set-up and teardown excluded); stops
-    the run after ``stop_after`` batches when given."""
+    """ms per batch over batches ``warmup + 1 .. warmup + steps`` (the first ones hold Lightning's
+    set-up and allocator warm-up), from batch end to batch end; then stops fit."""
 
-    def __init__(self, stop_after: int | None = None) -> None:
-        self.stop_after, self.batches = stop_after, 0
-
-    def on_train_start(self, trainer: L.Trainer, pl_module: Any) -> None:
-        self.t0 = time.perf_counter()
+    def __init__(self, warmup: int, steps: int) -> None:
+        self.warmup, self.steps, self.batches, self.t0, self.ms = warmup, steps, 0, 0.0, math.nan
 
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
         self.batches += 1
-        if self.batches == self.stop_after:
+        if self.batches == self.warmup:
+            self.t0 = time.perf_counter()
+        elif self.batches == self.warmup + self.steps:
+            self.ms = (time.perf_counter() - self.t0) * 1e3 / self.steps
             trainer.should_stop = True
 
-    def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
-        self.ms_per_step = (time.perf_counter() - self.t0) * 1e3 / max(self.batches, 1)
+
+def diffft_ms(cfg: DictConfig, dm: Any, method: Any, sizes: tuple, bar: bool = False) -> float:
+    """ms per batch of ``trainer.fit(method)``; ``bar``: with diffft's TQDM progress bar."""
+    timer = StepTimer(*sizes[:2])
+    callbacks = [timer, *([TQDMProgressBar(cfg.progress_refresh_rate)] if bar else [])]
+    kw = {"logger": False, "enable_checkpointing": False, "enable_progress_bar": bar}
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, **kw)
+    with quiet():
+        trainer.fit(method, datamodule=dm)
+    return timer.ms
 
 
-def diffft_step_ms(tmp: Path, steps: int, progress_bar: bool = False) -> float:
-    """ms/step of ``trainer.fit``, built as ``diffft.train.train`` builds it."""
-    cfg = make_cfg(
-        tmp,
-        f"trainer.max_steps={steps}",
-        f"trainer.enable_progress_bar={str(progress_bar).lower()}",
-        "eval.every_n_batches=0",
-        "~logger",
-        "callbacks.model_checkpoint=null",  # (diffft's LastCheckpoint writes once, at the end)
-    )
-    torch.set_num_threads(cfg.threads)
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
-    datamodule = instantiate(cfg.dataset)
-    datamodule.setup("fit")
-    method_cfg = OmegaConf.to_container(cfg.method, resolve=True)
-    method = instantiate(method_cfg, _recursive_=False, _convert_="all")
-    evaluator = Evaluator(datamodule, list(cfg.eval.metrics), n=cfg.eval.n)
-    trainer = dtrain.build_trainer(cfg, evaluator)
-    timer = StepTimer()
-    trainer.callbacks.append(timer)
-    with open(os.devnull, "w") as null, contextlib.redirect_stdout(null):  # the bar
-        trainer.fit(method, datamodule)
-    return timer.ms_per_step
-
-
-def bare_step_ms(tmp: Path, steps: int) -> float:
-    """ms/step of a plain PyTorch loop with the same model, loss, optimiser (and learning-rate
-    schedule), clip and EMA."""
-    cfg = make_cfg(tmp)
-    m, data_cfg = cfg.method, cfg.dataset
-    torch.manual_seed(cfg.seed)
-    data = instantiate(data_cfg)
-    data.setup("fit")
-    x, n, batch = data.train, data.train.shape[0], data_cfg.batch_size
-    ab = alpha_bar(beta_schedule(**m.schedule)).float()
-    shape = list(data.event_shape)
-    net = instantiate(cfg.backbone, event_shape=shape, n_steps=m.schedule.steps)  # diffft TimeMLP
-    ema = copy.deepcopy(net).requires_grad_(False)
-    params, ema_params = list(net.parameters()), list(ema.parameters())
-    opt = instantiate(m.optimizer, params=params)
-    sched = (
-        torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
-        if m.lr_schedule == "cosine"
-        else None
-    )
-    g = torch.Generator().manual_seed(data_cfg.seed)
-    done = 0
-    t0 = time.perf_counter()
-    while done < steps:
-        perm = torch.randperm(n, generator=g)
-        for i in range(0, n, batch):
-            loss = denoising_loss(net, x[perm[i : i + batch]], ab, antithetic=m.antithetic)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, m.grad_clip)
-            opt.step()
-            if sched is not None:
-                sched.step()
-            with torch.no_grad():
-                torch._foreach_lerp_(ema_params, params, 1.0 - m.ema_decay)
-            done += 1
-            if done == steps:
-                break
+# -- the bare loops: the same losses, networks, optimisers and batch sizes, nothing else ----------
+def bare_ms(step: Callable[[Tensor], None], data: Tensor, batch: int, sizes: tuple) -> float:
+    """ms per ``step`` of a plain loop over shuffled index-slice batches of ``data``."""
+    (warmup, steps), t0 = sizes[:2], 0.0
+    g = torch.Generator().manual_seed(0)
+    perms = (torch.randperm(len(data), generator=g) for _ in itertools.count())
+    batches = (data[p[i : i + batch]] for p in perms for i in range(0, len(data), batch))
+    for i in range(warmup + steps):
+        t0 = time.perf_counter() if i == warmup else t0
+        step(next(batches))
     return (time.perf_counter() - t0) * 1e3 / steps
 
 
-class StopAtQuality(L.Callback):
-    """Stops fit at the first periodic evaluation with ``eval/sw_paper <= target``; runs after
-    ``PeriodicEvaluation`` (appended later), so it sees that batch's evaluation."""
+def descend(opts: list[torch.optim.Optimizer], loss: Tensor, clip: float | None = None) -> None:
+    """One step of ``opts`` on ``loss`` (their gradient norm clipped to ``clip``)."""
+    for opt in opts:
+        opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip:
+        params = [p for opt in opts for group in opt.param_groups for p in group["params"]]
+        torch.nn.utils.clip_grad_norm_(params, clip)
+    for opt in opts:
+        opt.step()
 
-    def __init__(self, target: float, every: int) -> None:
-        self.target, self.every, self.t0, self.eval_s, self.step = target, every, 0.0, 0.0, 0
-        self.seen: list[tuple[int, float]] = []
-        self.elapsed: float | None = None
 
-    def on_fit_start(self, trainer: L.Trainer, pl_module: Any) -> None:
-        for cb in trainer.callbacks:  # also time the periodic evaluations themselves
-            if isinstance(cb, PeriodicEvaluation):
-                cb.evaluator.evaluate = self._timed(cb.evaluator.evaluate)
-                self.periodic = cb
-        self.t0 = time.perf_counter()
+def chain_of(cfg: DictConfig, pre: DictConfig, shape: list[int], **forced: Any) -> GaussianChain:
+    """The T'-step chain to fine-tune: the pretrain stage's eps-network on its beta schedule,
+    sub-sampled as ``method.sampler`` says (``diffft.diffusion``)."""
+    kw = {**(pre.method.sampler or {}), **cfg.method.sampler, **forced}
+    steps, kind, spacing = kw.pop("steps"), kw.pop("subsample", "none"), kw.pop("spacing", "linear")
+    betas = beta_schedule(**pre.method.schedule)
+    net = instantiate(cfg.backbone, event_shape=shape, n_steps=len(betas))
+    return GaussianChain(net, subsample(betas, steps, kind, spacing), tuple(shape), **kw)
 
-    def _timed(self, f: Callable[..., Any]) -> Callable[..., Any]:
-        def timed(*args: Any, **kwargs: Any) -> Any:
-            t = time.perf_counter()
-            out = f(*args, **kwargs)
-            self.eval_s += time.perf_counter() - t
-            return out
 
-        return timed
+def bare_ddpm(cfg: DictConfig, shape: list[int]) -> Callable[[Tensor], None]:
+    """A DDPM step: ``denoising_loss``, the optimiser and its cosine schedule, clip, EMA."""
+    m = cfg.method
+    net = instantiate(m.backbone, event_shape=shape, n_steps=m.schedule.steps)
+    params = list(net.parameters())
+    ema = list(copy.deepcopy(net).requires_grad_(False).parameters())
+    opt = instantiate(m.optimizer, params=params)
+    cosine = m.lr_schedule == "cosine"  # (over trainer.max_steps, as Lightning steps diffft's)
+    sched = CosineAnnealingLR(opt, cfg.trainer.max_steps) if cosine else None
+    ab, g = alpha_bar(beta_schedule(**m.schedule)).float(), torch.Generator().manual_seed(0)
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, *args: Any) -> None:
-        batches = self.periodic.batches  # training batches so far (SFT-PG: critic iterations)
-        if batches % self.every or self.elapsed is not None:
+    def step(x: Tensor) -> None:
+        loss = denoising_loss(net, x, ab, generator=g, antithetic=m.antithetic)
+        descend([opt], loss, m.grad_clip)
+        if sched is not None:
+            sched.step()
+        with torch.no_grad():
+            torch._foreach_lerp_(ema, params, 1.0 - m.ema_decay)
+
+    return step
+
+
+def bare_sft_pg(cfg: DictConfig, pre: DictConfig, shape: list[int]) -> Callable[[Tensor], None]:
+    """An SFT-PG (B) critic iteration (Alg. 1): rollout, ``ipm_critic_loss`` + lambda
+    ``baseline_loss``; every ``n_critic`` iterations ``n_generator`` ``policy_gradient_loss``
+    steps on minibatches of the buffered transitions."""
+    hp = cfg.method
+    if hp.estimator != "policy_gradient" or hp.gp or hp.log_prob_reduction != "sum":
+        raise ValueError("the bare SFT-PG loop covers estimator=policy_gradient, gp=0, sum")
+    chain = chain_of(cfg, pre, shape)
+    critic = instantiate(hp.critic, event_shape=shape)
+    baseline = instantiate(hp.baseline, event_shape=shape, n_steps=chain.steps)
+    opt_g = instantiate(hp.optimizer, params=chain.parameters(), lr=hp.lr.generator)
+    groups = [{"params": critic.parameters(), "lr": hp.lr.critic}]
+    groups.append({"params": baseline.parameters(), "lr": hp.lr.baseline})
+    opt_fb = instantiate(hp.optimizer, _partial_=True)(groups)
+    g, buffer = torch.Generator().manual_seed(0), []
+
+    def step(real: Tensor) -> None:
+        traj = chain.sample(hp.rollout_batch, generator=g, return_trajectory=True)
+        f_fake = critic(traj.sample).squeeze(-1)
+        x_k, _, k = traj.transitions()
+        r_b = losses.baseline_loss(baseline(x_k, k - 1).squeeze(-1), f_fake.repeat(traj.steps))
+        descend([opt_fb], losses.ipm_critic_loss(critic(real), f_fake) + hp.baseline_reg * r_b)
+        buffer.append(traj.states)
+        if len(buffer) < hp.n_critic:
             return
-        sw = float(trainer.callback_metrics["eval/sw_paper"])
-        self.seen.append((batches, sw))
-        if sw <= self.target:
-            self.elapsed, self.step = time.perf_counter() - self.t0, batches
-            trainer.should_stop = True
+        traj = Trajectory(torch.cat(buffer, dim=1))
+        buffer.clear()
+        x_k, x_prev, k = traj.transitions()
+        x_0 = traj.sample.repeat(traj.steps, *[1] * len(shape))
+        size = len(x_k) if hp.generator_batch == "all" else hp.generator_batch
+        for _ in range(hp.n_generator):
+            i = torch.randperm(len(x_k), generator=g)[:size]
+            with torch.no_grad():
+                adv = critic(x_0[i]).squeeze(-1) - baseline(x_k[i], k[i] - 1).squeeze(-1)
+            loss = losses.policy_gradient_loss(chain.log_prob(x_prev[i], x_k[i], k[i]), adv)
+            descend([opt_g], loss, hp.grad_clip)
+
+    return step
 
 
-def time_to_quality(tmp: Path, max_steps: int | None) -> tuple[StopAtQuality, dict, float]:
-    """Runs ``diffft.train.train`` itself, its trainer built with ``StopAtQuality`` appended."""
-    cfg = make_cfg(
-        tmp,
-        f"eval.every_n_batches={EVERY}",
-        "eval.periodic_n=10000",
-        "eval.metrics=[sw_paper]",
-        "trainer.enable_progress_bar=false",
-        *([f"trainer.max_steps={max_steps}"] if max_steps else []),
-    )
-    stop, build = StopAtQuality(SW_TARGET, EVERY), dtrain.build_trainer
-
-    def build_with_stop(cfg: DictConfig, evaluator: Evaluator) -> L.Trainer:
-        trainer = build(cfg, evaluator)
-        trainer.callbacks.append(stop)
-        return trainer
-
-    dtrain.build_trainer = build_with_stop
-    t0 = time.perf_counter()
-    try:
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            rows = dtrain.train(cfg)
-    finally:
-        dtrain.build_trainer = build
-    return stop, rows, time.perf_counter() - t0
-
-
-def bench_step(tmp: Path, steps: int, repeats: int, bar: bool) -> list[str]:
-    runs: dict[str, list[float]] = {"bare": [], "diffft": [], "diffft+bar": []}
-    for _ in range(repeats):  # interleaved: background load hits every variant alike
-        runs["bare"].append(bare_step_ms(tmp, steps))
-        runs["diffft"].append(diffft_step_ms(tmp, steps))
-        if bar:
-            runs["diffft+bar"].append(diffft_step_ms(tmp, steps, progress_bar=True))
-    bare = statistics.median(runs["bare"])
-    lines = [f"Per-step time, {steps} steps x {repeats} interleaved repeats (median, min-max):", ""]
-    lines.append(f"  {'loop':<12} {'ms/step':>8}  {'spread':>13}  {'ratio':>5}  per-repeat ratios")
-    for name, xs in runs.items():
-        if xs:
-            med, spread = statistics.median(xs), f"{min(xs):.3f}-{max(xs):.3f}"
-            each = " ".join(f"{b / x:.2f}" for b, x in zip(runs["bare"], xs, strict=True))
-            lines.append(f"  {name:<12} {med:8.3f}  {spread:>13}  {bare / med:5.2f}  {each}")
-    lines += ["", "  ratio = bare ms / this ms (1.0 = as fast as the bare loop)"]
-    if bar:
-        lines.append("  diffft+bar: default TQDM progress bar, written to /dev/null")
-    lines.append("")
-    for name, label in (("diffft", ""), ("diffft+bar", " (progress bar on)")):
-        if runs[name]:
-            med = statistics.median(runs[name])
-            lines.append(
-                f"DDPM step{label}: bare {bare:.2f} ms, diffft {med:.2f} ms, "
-                f"ratio {bare / med:.2f} (target >= 0.9)"
-            )
-    return lines
-
-
-def bench_quality(tmp: Path, max_steps: int | None) -> list[str]:
-    stop, rows, total = time_to_quality(tmp, max_steps)
-    evals = ", ".join(f"{s}: {v:.2f}" for s, v in stop.seen)
-    lines = [
-        f"Time to sw_paper <= {SW_TARGET} (diffft.train.train; the periodic evaluation samples",
-        f"10K points (1 draw) from the EMA chain every {EVERY} batches):",
-        "",
-        textwrap.fill(evals, 96, initial_indent="  sw_paper by step: ", subsequent_indent=" " * 4),
-    ]
-    if stop.elapsed is None:
-        cap = f" (--quick caps the run at {max_steps} steps)" if max_steps else ""
-        return [*lines, f"  NOT reached{cap}; {total:.1f} s in train() overall"]
-    final = rows.get(next(iter(rows)), {}).get("sw_paper", [0.0])
-    sd = statistics.stdev(final) if len(final) > 1 else 0.0
-    lines += [
-        f"  {'reached at batch':<36} {stop.step}",
-        f"  {'wall time from the start of fit':<36} {stop.elapsed:6.1f} s  "
-        f"(of which periodic evaluation {stop.eval_s:.1f} s)",
-        f"  {'train() overall':<36} {total:6.1f} s  (incl. set-up and the final evaluation)",
-        f"  {'final evaluation at stop':<36} {statistics.mean(final):6.2f} ± {sd:.2f}  "
-        f"({len(final)} draws of 10K)",
-        f"  {'reference (released SFT-PG code)':<36} {REFERENCE_S:6.1f} s  "
-        "(0.28 s/epoch x 2000 epochs, sw_paper 8.1-8.3)",
-        "",
-        f"Quality: diffft {stop.elapsed:.1f} s, reference {REFERENCE_S:.0f} s, "
-        f"speed-up {REFERENCE_S / stop.elapsed:.1f}x (target >= 5x)",
-    ]
-    return lines
-
-
-# -- SFT-PG -------------------------------------------------------------------------------------
-SFT_PAPER = "swiss_roll_sft_pg"  # the per-iteration comparison: the paper's toy settings
-SFT_E2E = "swiss_roll_sft_pg_fast"  # the end-to-end run: `make run`'s experiment
-# Released code on this machine class (specs): pretraining 0.28 s/epoch x 2000 epochs, then
-# fine-tuning 0.083 s per critic iteration x 79 iterations/epoch x 300 epochs.
-SFT_REFERENCE_S = 0.28 * 2000 + 0.083 * 79 * 300
-# Its sw_paper is 0.86 ± 0.09 after 200 epochs (specs), still above floor mean + sd (~0.75), so
-# its time to the floor lies between the 200- and the 300-epoch cost: the lower bound is the
-# conservative reference.
-SFT_REFERENCE_LOW_S = 0.28 * 2000 + 0.083 * 79 * 200
-SFT_EVERY = 790  # periodic evaluation interval of the end-to-end run (10 epochs)
-
-
-def sft_pg_method(
-    tmp: Path, *overrides: str, experiment: str | None = None
-) -> tuple[DictConfig, Any]:
-    """A fine-tuning module (SFT-PG by default) on an untrained DDPM of the experiment's
-    pretrain stage (timing only)."""
-    cfg = compose(
-        "train",
-        overrides=[
-            f"paths.output_dir={tmp}/out",
-            f"experiment={experiment or SFT_PAPER}",
-            *overrides,
-        ],
-    )
-    pre = compose("train", overrides=list(cfg.pretrain.overrides))
-    for c in (cfg, pre):
-        dtrain.resolve_data(c)  # dataset.event_shape, which the networks are built for
-    method_cfg = OmegaConf.to_container(cfg.method, resolve=True)
-    method_cfg["ddpm"] = OmegaConf.to_container(pre.method, resolve=True)
-    method_cfg["ddpm"].pop("_target_")
-    return cfg, instantiate(method_cfg, _recursive_=False, _convert_="all")
-
-
-def diffft_sft_pg_ms(tmp: Path, iters: int, experiment: str | None = None) -> float:
-    """ms per iteration (one Lightning batch) of a fine-tuning method (SFT-PG's critic
-    iteration by default) under diffft's trainer."""
-    cfg, method = sft_pg_method(
-        tmp,
-        "trainer.enable_progress_bar=false",
-        "eval.every_n_batches=0",
-        "~logger",
-        "callbacks.model_checkpoint=null",
-        experiment=experiment,
-    )
-    torch.set_num_threads(cfg.threads)
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
-    datamodule = instantiate(cfg.dataset)
-    datamodule.setup("fit")
-    trainer = dtrain.build_trainer(cfg, Evaluator(datamodule, [cfg.eval.metrics[0]]))
-    timer = StepTimer(stop_after=iters)
-    trainer.callbacks.append(timer)
-    trainer.fit(method, datamodule)
-    return timer.ms_per_step
-
-
-def bare_sft_pg_ms(tmp: Path, iters: int) -> float:
-    """ms per critic iteration of Alg. 1 as a plain PyTorch loop: the same chain, critic,
-    baseline, Adam optimisers, buffer and one 128-transition generator step every n_critic."""
-    cfg, method = sft_pg_method(tmp)
-    hp, data_cfg = cfg.method, cfg.dataset
-    torch.manual_seed(cfg.seed)
-    data = instantiate(data_cfg)
-    data.setup("fit")
-    x, n, batch = data.train, data.train.shape[0], data_cfg.batch_size
-    chain, critic, baseline = method.chain, method.critic, method.baseline
-    opt_g = torch.optim.Adam(chain.parameters(), lr=hp.lr.generator)
-    opt_f = torch.optim.Adam(critic.parameters(), lr=hp.lr.critic)
-    opt_b = torch.optim.Adam(baseline.parameters(), lr=hp.lr.baseline)
-    g = torch.Generator().manual_seed(data_cfg.seed)
-    buffer: list[torch.Tensor] = []
-    done = 0
-    t0 = time.perf_counter()
-    while done < iters:
-        perm = torch.randperm(n, generator=g)
-        for i in range(0, n, batch):
-            real = x[perm[i : i + batch]]
-            traj = chain.sample(hp.rollout_batch, return_trajectory=True)
-            f_fake = critic(traj.sample).squeeze(-1)
-            x_k, _, k = traj.transitions()
-            values = baseline(x_k, k - 1).squeeze(-1)
-            loss = critic(real).mean() - f_fake.mean()
-            loss = loss + (values - f_fake.repeat(traj.steps)).square().mean()
-            opt_f.zero_grad(set_to_none=True)
-            opt_b.zero_grad(set_to_none=True)
-            loss.backward()
-            opt_f.step()
-            opt_b.step()
-            buffer.append(traj.states)
-            done += 1
-            if done % hp.n_critic == 0:
-                states = torch.cat(buffer, dim=1)
-                buffer.clear()
-                x_k, x_prev, k = type(traj)(states).transitions()
-                x_0 = states[0].repeat(traj.steps, 1)
-                idx = torch.randperm(x_k.shape[0])[: hp.generator_batch]
-                with torch.no_grad():
-                    adv = critic(x_0[idx]).squeeze(-1) - baseline(x_k[idx], k[idx] - 1).squeeze(-1)
-                loss = (adv * chain.log_prob(x_prev[idx], x_k[idx], k[idx])).mean()
-                opt_g.zero_grad(set_to_none=True)
-                loss.backward()
-                opt_g.step()
-            if done == iters:
-                break
-    return (time.perf_counter() - t0) * 1e3 / iters
-
-
-def interleaved(
-    bare_fn: Callable[[], float], ours_fn: Callable[[], float], repeats: int
-) -> tuple[dict[str, list[float]], float, float, str]:
-    """``repeats`` alternating runs of a bare loop and diffft: the runs, both medians and the
-    per-repeat ratios."""
-    runs: dict[str, list[float]] = {"bare": [], "diffft": []}
-    for _ in range(repeats):
-        runs["bare"].append(bare_fn())
-        runs["diffft"].append(ours_fn())
-    bare, ours = statistics.median(runs["bare"]), statistics.median(runs["diffft"])
-    each = " ".join(f"{b / d:.2f}" for b, d in zip(runs["bare"], runs["diffft"], strict=True))
-    return runs, bare, ours, each
-
-
-def bench_sft_pg_step(tmp: Path, iters: int, repeats: int) -> list[str]:
-    runs, bare, ours, each = interleaved(
-        lambda: bare_sft_pg_ms(tmp, iters), lambda: diffft_sft_pg_ms(tmp, iters), repeats
-    )
-    return [
-        f"SFT-PG critic iteration (experiment={SFT_PAPER}, {iters} iterations x {repeats} "
-        "interleaved repeats, median):",
-        "",
-        f"  bare {bare:.2f} ms ({min(runs['bare']):.2f}-{max(runs['bare']):.2f}), "
-        f"diffft {ours:.2f} ms ({min(runs['diffft']):.2f}-{max(runs['diffft']):.2f}); "
-        f"per-repeat ratios {each}",
-        "  released code (specs): 83 ms",
-        "",
-        f"SFT-PG iteration: bare {bare:.2f} ms, diffft {ours:.2f} ms, ratio {bare / ours:.2f} "
-        f"(target >= 0.9); {83 / ours:.1f}x faster than the released code",
-    ]
-
-
-DXMI = "eight_gaussians_dxmi"
-
-
-def bare_dxmi_ms(tmp: Path, iters: int) -> float:
-    """ms per iteration of DxMI's Alg. 1 as a plain PyTorch loop: the same chain, value, energy
-    network (V_0), Adam optimisers and cosine learning rate; rollout, AVR, energy step, one
-    joint TD step and one reparameterised sampler step."""
-    cfg, method = sft_pg_method(tmp, experiment=DXMI)
-    hp, data_cfg = cfg.method, cfg.dataset
-    torch.manual_seed(cfg.seed)
-    data = instantiate(data_cfg)
-    data.setup("fit")
-    x, n, batch = data.train, data.train.shape[0], data_cfg.batch_size
-    chain, value, energy = method.chain, method.value, method.energy
-    foreach = bool(hp.optimizer.get("foreach", False))  # the same Adam as the method's
-
-    def adam(params: Any, lr: float) -> torch.optim.Adam:
-        return torch.optim.Adam(params, lr=lr, foreach=foreach)
-
+def bare_dxmi(cfg: DictConfig, pre: DictConfig, shape: list[int]) -> Callable[[Tensor], None]:
+    """A DxMI iteration (Alg. 1, joint TD): rollout, ``avr_update``, ``energy_loss``, ``td_loss``
+    to the ``running_cost`` target, the reparameterised sampler step (``entropy_cost`` +
+    ``running_cost`` + V); V and E are the networks of ``method.cost`` (``build_cost``); an
+    optimiser per part, cosine learning rate."""
+    hp = cfg.method
+    chain = chain_of(cfg, pre, shape, learn_sigma=True)
+    K, D, red = chain.steps, math.prod(shape), hp.running_cost_reduction
+    cost = build_cost(OmegaConf.to_container(hp.cost, resolve=True), shape, K)
+    if cost.energy is None or cost.time_costs is not None or hp.td_update != "joint":
+        raise ValueError("the bare DxMI loop covers Alg. 1: a learned energy, joint TD")
+    tau1, tau2 = (hp.tau if t is None else t for t in (hp.tau1, hp.tau2))
+    params = {"sampler": list(chain.eps_net.parameters()), "sigma": [chain.log_sigma]}
     opts = {
-        "sampler": adam(chain.eps_net.parameters(), hp.lr.sampler),
-        "sigma": adam([chain.log_sigma], hp.lr.sigma),
-        "value": adam(value.parameters(), hp.lr.value),
-        "energy": adam(energy.parameters(), hp.lr.energy),
+        n: instantiate(hp.optimizer, params=p, lr=hp.lr[n])
+        for n, p in (params | cost.parts()).items()
     }
-    base = {k: o.param_groups[0]["lr"] for k, o in opts.items()}
-    s2 = chain.fixed_sigma.square().clone()
-    K, D, tau, total = chain.steps, 2, hp.tau, iters
-    g = torch.Generator().manual_seed(data_cfg.seed)
+    total = cfg.trainer.max_epochs * -(-cfg.dataset.n_train // cfg.dataset.batch_size)
+    cosine = lambda i: 0.5 * (1 + math.cos(math.pi * min(i, total) / total))  # noqa: E731
+    scheds = [LambdaLR(opt, cosine) for opt in opts.values()]
+    s2, g = chain.fixed_sigma.square().clone(), torch.Generator().manual_seed(0)
 
-    def V(z: torch.Tensor, k: torch.Tensor) -> torch.Tensor:  # V_0 = the energy network
-        last = k == 0
-        if bool(last.all()):
-            return energy(z).view(-1)
-        if not bool(last.any()):
-            return value(z, k - 1).view(-1)
-        i0, i1 = last.nonzero().view(-1), (~last).nonzero().view(-1)
-        vals = torch.cat([energy(z[i0]).view(-1), value(z[i1], k[i1] - 1).view(-1)])
-        return vals[torch.argsort(torch.cat([i0, i1]))]
-
-    def step(names: tuple[str, ...], loss: torch.Tensor) -> None:
-        for name in names:
-            opts[name].zero_grad(set_to_none=True)
-        loss.backward()
-        for name in names:
-            opts[name].step()
-
-    done = 0
-    t0 = time.perf_counter()
-    while done < iters:
-        perm = torch.randperm(n, generator=g)
-        for i in range(0, n, batch):
-            f = 0.5 * (1 + math.cos(math.pi * done / total))
-            for name, o in opts.items():
-                o.param_groups[0]["lr"] = base[name] * f
-            real = x[perm[i : i + batch]]
-            traj = chain.sample(
-                hp.rollout_batch, generator=g, return_trajectory=True, return_noise=True
-            )
-            x_k, x_prev, k = traj.transitions()
-            sq = (x_k - x_prev).square().sum(1)
-            with torch.no_grad():
-                s2[1:] = 0.99 * s2[1:] + 0.01 * sq.view(K, -1).mean(1) / D
-            zero = torch.zeros(batch, dtype=torch.long)
-            e_r, e_f = V(real, zero[: real.shape[0]]), V(traj.sample, zero)
-            loss = e_r.mean() - e_f.mean() + (e_r.square().mean() + e_f.square().mean())
-            step(("energy",), loss)
-            with torch.no_grad():
-                log_pi = chain.log_prob_of_noise(traj.transition_noise(), k)
-                cost = tau * log_pi + tau * sq / (2 * s2[k])
-                target = V(x_prev, k - 1) + cost
-            step(("value",), (target - V(x_k, k)).square().mean())
-            idx = torch.randperm(x_k.shape[0], generator=g)[: hp.sampler_batch]
-            xs, ks = x_k[idx], k[idx]
-            new = chain.step(xs, ks, torch.randn(xs.shape, generator=g))
-            loss = V(new, ks - 1) - tau * D * chain.log_sigma[ks]
-            loss = (loss + tau * (xs - new).square().sum(1) / (2 * s2[ks])).mean()
-            step(("sampler", "sigma"), loss)
-            done += 1
-            if done == iters:
-                break
-    return (time.perf_counter() - t0) * 1e3 / iters
-
-
-def bench_dxmi_step(tmp: Path, iters: int, repeats: int) -> list[str]:
-    runs, bare, ours, each = interleaved(
-        lambda: bare_dxmi_ms(tmp, iters), lambda: diffft_sft_pg_ms(tmp, iters, DXMI), repeats
-    )
-    return [
-        f"DxMI iteration (experiment={DXMI}, {iters} iterations x {repeats} interleaved "
-        "repeats, median):",
-        "",
-        f"  bare {bare:.2f} ms ({min(runs['bare']):.2f}-{max(runs['bare']):.2f}), "
-        f"diffft {ours:.2f} ms ({min(runs['diffft']):.2f}-{max(runs['diffft']):.2f}); "
-        f"per-repeat ratios {each}",
-        "",
-        f"DxMI iteration: bare {bare:.2f} ms, diffft {ours:.2f} ms, ratio {bare / ours:.2f} "
-        "(target >= 0.9)",
-    ]
-
-
-def bench_sft_pg_e2e(tmp: Path) -> list[str]:
-    """Wall time of one ``diffft.train.train`` call of ``SFT_E2E`` from an empty cache (DDPM
-    pretraining + SFT-PG) until a periodic evaluation (one 10K draw) of sw_paper is within the
-    floor (floor mean + one floor sd)."""
-    cfg = compose(
-        "train",
-        overrides=[
-            f"paths.output_dir={tmp}/e2e",
-            f"paths.cache_dir={tmp}/e2e_cache",
-            f"experiment={SFT_E2E}",
-            f"eval.every_n_batches={SFT_EVERY}",
-            "eval.periodic_n=10000",
-            "eval.metrics=[sw_paper,sw,w2]",
-            "~eval.compare",
-            "trainer.enable_progress_bar=false",
-        ],
-    )
-    datamodule = instantiate(cfg.dataset)
-    datamodule.setup("fit")
-    floor = Evaluator(
-        datamodule,
-        ["sw_paper"],
-        n=cfg.eval.n,
-        draws=cfg.eval.draws,
-        seed=cfg.eval.seed,
-        floor_draws=cfg.eval.floor_draws,
-    ).floor()["sw_paper"]
-    target = statistics.mean(floor) + statistics.stdev(floor)
-    stop = StopAtQuality(target, SFT_EVERY)
-    build, cached = dtrain.build_trainer, dtrain.cached_stage
-    pre_s: list[float] = []
-
-    def build_with_stop(cfg: DictConfig, evaluator: Evaluator) -> L.Trainer:
-        trainer = build(cfg, evaluator)
-        if "SFTPG" in str(cfg.method.get("_target_")):  # not the pretraining stage
-            trainer.callbacks.append(stop)
-        return trainer
-
-    def timed_stage(*args: Any) -> str:
-        t = time.perf_counter()
-        out = cached(*args)
-        pre_s.append(time.perf_counter() - t)
-        return out
-
-    dtrain.build_trainer, dtrain.cached_stage = build_with_stop, timed_stage
-    t0 = time.perf_counter()
-    try:
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            rows = dtrain.train(cfg)
-    finally:
-        dtrain.build_trainer, dtrain.cached_stage = build, cached
-    total = time.perf_counter() - t0
-    evals = ", ".join(f"{s}: {v:.2f}" for s, v in stop.seen)
-    lines = [
-        f"SFT-PG end to end (experiment={SFT_E2E}, empty cache: DDPM pretraining + fine-tuning),",
-        f"until a periodic sw_paper (one 10K draw, every {SFT_EVERY} batches = 10 epochs) <= floor "
-        f"mean + sd = {target:.3f}:",
-        "",
-        textwrap.fill(evals, 96, initial_indent="  sw_paper by batch: ", subsequent_indent="    "),
-    ]
-    if stop.elapsed is None:
-        return [*lines, f"  NOT reached within the run; {total:.1f} s in train() overall"]
-    final = {m: rows[next(iter(rows))][m] for m in ("sw_paper", "sw", "w2")}
-    e2e = pre_s[0] + stop.elapsed
-    lines += [
-        f"  {'pretraining stage (train + evaluate)':<40} {pre_s[0]:6.1f} s",
-        f"  {'fine-tuning, start of fit to the floor':<40} {stop.elapsed:6.1f} s  "
-        f"(of which periodic evaluation {stop.eval_s:.1f} s; batch {stop.step})",
-        f"  {'train() overall':<40} {total:6.1f} s  (incl. set-up and the final evaluation)",
-    ]
-    for m, v in final.items():
-        f = rows["data floor"][m]
-        lines.append(
-            f"  final {m:<10} {statistics.mean(v):.4g} ± {statistics.stdev(v):.2g} "
-            f"({len(v)} draws of 10K; floor {statistics.mean(f):.4g} ± {statistics.stdev(f):.2g}, "
-            f"{len(f)} draws)"
+    def step(real: Tensor) -> None:
+        traj = chain.sample(
+            hp.rollout_batch, generator=g, return_trajectory=True, return_noise=True
         )
-    lines += [
-        f"  {'reference (released code, specs)':<40} {SFT_REFERENCE_LOW_S:6.1f}-"
-        f"{SFT_REFERENCE_S:.1f} s  (pretraining 560 s + fine-tuning 200-300 epochs; at 200 "
-        "epochs it is still above the floor)",
-        "",
-        f"SFT-PG end to end: diffft {e2e:.1f} s (pretraining {pre_s[0]:.0f} s + fine-tuning "
-        f"{stop.elapsed:.0f} s), reference >= {SFT_REFERENCE_LOW_S:.0f} s, speed-up >= "
-        f"{SFT_REFERENCE_LOW_S / e2e:.1f}x ({SFT_REFERENCE_S / e2e:.1f}x against the full "
-        "300-epoch recipe; target >= 5x, i.e. <= 9 min; stretch <= 5 min)",
+        x_k, x_prev, k = traj.transitions()
+        sq = (x_k - x_prev).flatten(1).square().sum(1)
+        with torch.no_grad():
+            s2[1:] = losses.avr_update(s2[1:], sq.view(K, -1).mean(1) / D, hp.avr_alpha)
+        loss = losses.energy_loss(cost.energy(real), cost.energy(traj.sample), hp.gamma)
+        descend([opts.get("energy", opts["value"])], loss)
+        with torch.no_grad():
+            log_pi = chain.log_prob_of_noise(traj.transition_noise(), k)
+            run = losses.running_cost(log_pi, sq, s2[k], tau1, tau2, D, red)
+            target = cost.value(x_prev, k - 1) + run
+        descend([opts["value"]], losses.td_loss(cost.value(x_k, k), target))
+        i = torch.randperm(len(x_k), generator=g)[: hp.sampler_batch]
+        xs, ks = x_k[i], k[i]
+        new = chain.step(xs, ks, torch.randn(xs.shape, generator=g))
+        entropy = losses.entropy_cost(chain.log_sigma_table()[ks], D)
+        run = losses.running_cost(entropy, (xs - new).square().sum(1), s2[ks], tau1, tau2, D, red)
+        loss = (cost.value(new, ks - 1) + run).mean()
+        descend([opts["sampler"], opts["sigma"]], loss, hp.grad_clip)
+        for sched in scheds:
+            sched.step()
+
+    return step
+
+
+# -- the per-step parts -------------------------------------------------------------------------
+def compare(part: str, title: str, runs: dict[str, Callable[[], float]], repeats: int) -> list[str]:
+    """``repeats`` interleaved runs of every loop (the bare one first): their medians."""
+    ms: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            ms[name].append(run())
+    med = {name: statistics.median(xs) for name, xs in ms.items()}
+    b, d = med["bare loop"], med["diffft"]
+    lines = [title, "", f"  {'loop':<11} {'ms/step':>8}  {'min-max':>13}  ratio"]
+    for name, xs in ms.items():
+        spread = f"{min(xs):.3f}-{max(xs):.3f}"
+        lines.append(f"  {name:<11} {med[name]:8.3f}  {spread:>13}  {b / med[name]:5.2f}")
+    ref = f"; released code {SFT_ITERATION_S * 1e3:.0f} ms" if part == "sft_step" else ""
+    tail = f"ratio {b / d:.2f} (bare ms / diffft ms; target >= 0.9){ref}"
+    return [*lines, "", f"{part}: bare {b:.2f} ms, diffft {d:.2f} ms per step, {tail}"]
+
+
+def bench_step(tmp: Path, quick: bool, bar: bool = True) -> list[str]:
+    """diffft's DDPM against ``bare_ddpm`` (swiss_roll_ddpm); ``diffft+bar``: with the progress
+    bar that ``diffft.train`` shows by default (redrawn every ``progress_refresh_rate``)."""
+    cfg, dm = config(tmp, "experiment=swiss_roll_ddpm")
+    sizes = (5, 40, 1) if quick else (100, 3000, 3)  # warm-up, timed steps, repeats
+    shape, batch = list(dm.event_shape), cfg.dataset.batch_size
+    runs = {
+        "bare loop": lambda: bare_ms(bare_ddpm(cfg, shape), dm.train, batch, sizes),
+        "diffft": lambda: diffft_ms(cfg, dm, build(cfg), sizes),
+    }
+    if bar:
+        runs["diffft+bar"] = lambda: diffft_ms(cfg, dm, build(cfg), sizes, bar=True)
+    title = (
+        f"DDPM step (swiss_roll_ddpm: TimeMLP, T={cfg.method.schedule.steps}, batch {batch},"
+        f" {torch.get_num_threads()} thread): {sizes[1]} steps after {sizes[0]}, median of"
+        f" {sizes[2]} repeats"
+    )
+    return compare("step", title, runs, sizes[2])
+
+
+def bench_finetune(tmp: Path, quick: bool, part: str) -> list[str]:
+    """A fine-tuning method's iteration (one Lightning batch) against its bare loop, both from
+    the same pretrain stage's DDPM architecture."""
+    sft = part == "sft_step"
+    cfg, dm = config(tmp, f"experiment={'swiss_roll_sft_pg' if sft else 'eight_gaussians_dxmi'}")
+    ckpt, pre = pretrained(tmp, cfg)
+    shape, batch, hp = list(dm.event_shape), cfg.dataset.batch_size, cfg.method
+    sizes = (5, 20, 1) if quick else (10, 1500, 3)
+    bare = bare_sft_pg if sft else bare_dxmi
+    runs = {
+        "bare loop": lambda: bare_ms(bare(cfg, pre, shape), dm.train, batch, sizes),
+        "diffft": lambda: diffft_ms(cfg, dm, build(cfg, ckpt), sizes),
+    }
+    net = lambda c: c._target_.rsplit(".", 1)[-1]  # noqa: E731
+    if sft:
+        what = f"SFT-PG critic iteration ({cfg.task_name}: T'={hp.sampler.steps}, critic"
+        what += f" {net(hp.critic)}, baseline {net(hp.baseline)}, {hp.n_generator} policy-gradient"
+        what += f" step on {hp.generator_batch} buffered transitions every {hp.n_critic} iterations"
+    else:
+        what = f"DxMI iteration ({cfg.task_name}: T={hp.sampler.steps}, {net(hp.cost)},"
+        what += f" {hp.td_update} TD, {hp.sampler_batch} sampler transitions, {hp.lr_schedule} lr"
+    title = (
+        f"{what}; batch {batch}, {hp.rollout_batch} rollouts, {torch.get_num_threads()} thread):"
+    )
+    title += f" {sizes[1]} iterations after {sizes[0]}, median of {sizes[2]} repeats"
+    return compare(part, title, runs, sizes[2])
+
+
+# -- wall time of whole runs --------------------------------------------------------------------
+class StopAtQuality(L.Callback):
+    """Added to a run by config (``+callbacks.bench``, after ``PeriodicEvaluation``): at each
+    periodic evaluation (every ``every`` batches) records ``eval/<metric>``, stops fit at the first
+    value <= ``target`` and writes ``{start, stop, batch, seen}`` (wall clock) to ``path``."""
+
+    def __init__(self, path: str, metric: str, target: float, every: int) -> None:
+        self.path, self.metric, self.target, self.every = Path(path), metric, target, every
+        self.batches, self.out = 0, {"seen": []}
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: Any) -> None:
+        self.out["start"] = time.time()
+        self.path.write_text(json.dumps(self.out))
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        self.batches += 1
+        if self.batches % self.every or "stop" in self.out:
+            return
+        value = float(trainer.callback_metrics[f"eval/{self.metric}"])
+        self.out["seen"].append([self.batches, value])
+        if value <= self.target:
+            self.out |= {"stop": time.time(), "batch": self.batches}
+            trainer.should_stop = True
+        self.path.write_text(json.dumps(self.out))
+
+
+def bench_run(tmp: Path, quick: bool, part: str) -> list[str]:
+    """Wall time of ``diffft.train.train`` (from its call) until a periodic evaluation (one draw)
+    reaches a sw_paper target, against the released SFT-PG code. ``quality``: DDPM pretraining
+    (swiss_roll_ddpm) to 8.5 (the released DDPM ends at 8.1-8.3); ``sft_e2e``:
+    ``swiss_roll_sft_pg_fast`` from an empty cache (the DDPM stage, then SFT-PG) to the data
+    floor (mean + sd of its draws). ``--quick``: a few batches, stopping at the first evaluation."""
+    e2e = part == "sft_e2e"
+    every = (10 if e2e else 20) if quick else (1580 if e2e else 500)
+    small = ["eval.n=500", "eval.draws=2", "eval.floor_draws=2", "eval.periodic_n=500"]
+    small += ["pretrain.debug=fast", "trainer.max_epochs=-1", "trainer.max_steps=24"] if e2e else []
+    overrides = [
+        "experiment=swiss_roll_sft_pg_fast" if e2e else "experiment=swiss_roll_ddpm",
+        "eval.metrics=[sw_paper]" if quick or not e2e else "eval.metrics=[sw_paper,sw,w2]",
+        *(["~eval.compare", "eval.solvers=null"] if e2e else []),
+        *(small if quick else ["eval.periodic_n=10000"]),
     ]
-    return lines
+    target, reference = 8.5, SFT_REFERENCE_S if e2e else PRETRAIN_S
+    if quick:
+        target = 1e9
+    elif e2e:
+        cfg, dm = config(tmp, *overrides)
+        e = cfg.eval
+        floor = Evaluator(dm, ["sw_paper"], n=e.n, seed=e.seed, floor_draws=e.floor_draws)
+        sw = floor.floor()["sw_paper"]
+        target = statistics.mean(sw) + statistics.stdev(sw)
+    path = tmp / "stop.json"
+    stop = f"{{_target_: {__name__}.StopAtQuality, path: '{path}', metric: sw_paper,"
+    stop += f" target: {target}, every: {every}}}"
+    cfg = config(tmp, *overrides, f"eval.every_n_batches={every}", f"+callbacks.bench={stop}")[0]
+    run = dtrain.train
+    t0 = time.time()
+    with quiet():
+        rows = run(cfg)
+    total, rec = time.time() - t0, json.loads(path.read_text())
+    lines = [
+        f"Wall time of diffft.train.train ({cfg.task_name}) until a periodic sw_paper (every"
+        f" {every} batches) <= {target:.3g}:",
+        "",
+        "  sw_paper by batch: " + ", ".join(f"{b}: {v:.2f}" for b, v in rec["seen"]),
+    ]
+    if "stop" not in rec:
+        return [*lines, f"{part}: not reached ({total:.1f} s in run()), ratio n/a"]
+    s = rec["stop"] - t0
+    lines.append(
+        f"  reached at batch {rec['batch']}: {s:.1f} s from the call of run() (fit started at"
+        f" {rec['start'] - t0:.1f} s); run() overall {total:.1f} s with the final evaluation"
+    )
+    for metric, v in next(iter(rows.values())).items():
+        lines.append(f"  final {metric}: {statistics.mean(v):.4g} ({len(v)} draws)")
+    return [
+        *lines,
+        "",
+        f"{part}: diffft {s:.1f} s, released code {reference:.0f} s, ratio {reference / s:.1f}"
+        f" (speed-up; target >= 5)",
+    ]
+
+
+# -- images, memory, DDP --------------------------------------------------------------------
+def bench_images(tmp: Path, quick: bool) -> list[str]:
+    """Samples/s of the digits chain (8x8, the UNet of ``digits_ddpm``, untrained, its threads;
+    --quick: one) at T' = 10 and 4 (FastDPM VAR: what fine-tuning is for) over the full T = 1000;
+    and (not --quick) ms per SFT-PG / DxMI iteration on the digits under the trainer."""
+    cfg, dm = config(tmp, "experiment=digits_ddpm")
+    threads, n = (1, 2) if quick else (cfg.threads, 256)
+    torch.set_num_threads(threads)
+    shape, m, betas = tuple(dm.event_shape), cfg.method, beta_schedule(**cfg.method.schedule)
+    net = instantiate(m.backbone, event_shape=list(shape), n_steps=len(betas))
+    chain = lambda k, kind: GaussianChain(net, subsample(betas, k, kind), shape, **m.sampler)  # noqa: E731
+    chains = {f"T={len(betas)} (full chain)": chain(len(betas), "none")}
+    chains |= {f"T'={k} (fastdpm_var)": chain(k, "fastdpm_var") for k in (10, 4)}
+    size = sum(p.numel() for p in net.parameters()) / 1e6
+    lines = [f"Images: digits 8x8, UNet {size:.2f}M parameters, {threads} threads, n = {n}:", ""]
+    lines.append("  chain                  s per call  samples/s")
+    rate, g = {}, torch.Generator()
+    with torch.no_grad():
+        chain(4, "fastdpm_var").sample(n, generator=g)  # warm-up
+        for name, c in chains.items():
+            t = time.perf_counter()
+            c.sample(n, generator=g)
+            rate[name] = n / (time.perf_counter() - t)
+            lines.append(f"  {name:22} {n / rate[name]:10.2f}  {rate[name]:9.1f}")
+    for name in [] if quick else ["digits_sft_pg", "digits_dxmi"]:
+        ft, ft_dm = config(tmp, f"experiment={name}")
+        ms = diffft_ms(ft, ft_dm, build(ft, pretrained(tmp, ft)[0]), (2, 20))
+        lines.append(f"  {name} T'=10: {ms:.1f} ms per iteration of {ft.dataset.batch_size} images")
+    torch.set_num_threads(1)
+    full, short = rate[next(iter(chains))], rate["T'=10 (fastdpm_var)"]
+    return [
+        *lines,
+        "",
+        f"images: T'=10 {short:.1f} samples/s, T=1000 {full:.2f} samples/s, ratio"
+        f" {short / full:.0f} (speed-up of the short chain)",
+    ]
+
+
+def bench_memory(tmp: Path, quick: bool) -> list[str]:
+    """``experiments/memory.py``'s probe, a process each: peak RSS and time of BPTT through K
+    steps of the digits UNet chain, without and with per-step checkpointing."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from memory import run_probe
+
+    os.environ["DIFFFT_BENCH_THREADS"] = "1" if quick else "2"
+    n, ks = (8, (2,)) if quick else (64, (10, 20, 40))
+    lines = [
+        f"BPTT through the digits UNet chain ({n} chains, {os.environ['DIFFFT_BENCH_THREADS']}"
+        " threads; peak RSS above the warm-up's, median of 3 steps):",
+        "",
+        "  steps  no checkpoint: MB  s/step | checkpointed: MB  s/step",
+    ]
+    for k in ks:  # (--quick: both probes at once)
+        probe = lambda c, k=k: run_probe("bptt", steps=k, checkpoint=c, n=n)  # noqa: E731
+        with ThreadPoolExecutor(1 + quick) as pool:
+            a, b = pool.map(probe, (False, True))
+        lines.append(
+            f"  {k:5d}  {a['peak_mb']:16.0f} {a['s_per_step']:7.2f} |"
+            f" {b['peak_mb']:15.0f} {b['s_per_step']:7.2f}"
+        )
+    mem = f"{a['peak_mb'] / b['peak_mb']:.1f}" if b["peak_mb"] >= 1 else "n/a (< 1 MB)"
+    slow = b["s_per_step"] / a["s_per_step"]
+    return [
+        *lines,
+        "",
+        f"memory: K={k}: ratio {mem} = peak memory without / with checkpointing, at {slow:.2f}x"
+        " the time per step",
+    ]
 
 
 DDP_RUNS = {
     "DDPM": ["experiment=swiss_roll_ddpm", "trainer.max_steps=2100"],
-    "SFT-PG": [
-        "experiment=swiss_roll_sft_pg_fast",
-        "trainer.max_epochs=-1",
-        "trainer.max_steps=-1",
-        "+trainer.max_time=00:00:01:30",  # ~1.5 min of critic iterations per run
-        "pretrain.debug=fast",  # the DDPM it starts from: throughput does not need a good one
+    "SFT-PG": [  # ~1.5 min of critic iterations, from a DDPM of a few steps
+        "experiment=swiss_roll_sft_pg_fast", "trainer.max_epochs=-1", "trainer.max_steps=-1",
+        "+trainer.max_time=00:00:01:30", "pretrain.debug=fast",
     ],
-}
+}  # fmt: skip
 
 
 def bench_ddp(tmp: Path, quick: bool) -> list[str]:
-    """Batches/s of ``python -m diffft.train ... hardware=ddp_cpu trainer.devices=N`` (N = 1, 2;
-    Lightning's DDP on gloo, one process per rank, one thread each), timed by
-    ``diffft.callbacks.throughput.Throughput`` after 100 warm-up batches. Each rank takes a full
-    per-rank batch, so samples/s = batches/s x batch x ranks."""
-    lines = [
-        "DDP on CPU (hardware=ddp_cpu, gloo, 1 thread per rank), batches/s after 100 warm-up"
-        " batches:",
-        "",
-        "  method   ranks  batches/s  samples/s  speed-up (samples/s vs 1 rank)",
-    ]
-    for name, overrides in DDP_RUNS.items():
-        rates = {}
-        for ranks in (1, 2):
-            path = tmp / f"ddp-{name}-{ranks}.json"
-            extra = ["trainer.max_steps=400"] if quick and name == "DDPM" else []
-            cmd = [
-                sys.executable,
-                "-m",
-                "diffft.train",
-                *overrides,
-                *extra,
-                "hardware=ddp_cpu",
-                f"trainer.devices={ranks}",
-                "eval.every_n_batches=0",
-                "callbacks.model_checkpoint.monitor=null",
-                "eval.compare=null",
-                "eval.solvers=null",
-                "eval.n=1000",
-                "eval.draws=1",
-                "trainer.enable_progress_bar=false",
-                f"+callbacks.throughput={{_target_: diffft.callbacks.throughput.Throughput,"
-                f" path: '{path}'}}",
-                f"hydra.run.dir={tmp}/ddp-{name}-{ranks}",
-                f"paths.cache_dir={tmp}/cache",
-            ]
-            subprocess.run(cmd, check=True, capture_output=True, cwd=tmp)
-            rates[ranks] = json.loads(path.read_text())
-        batch = 128
-        base = rates[1]["batches_per_s"] * batch
-        for ranks, r in rates.items():
-            samples = r["batches_per_s"] * batch * ranks
+    """Batches/s of ``python -m diffft.train ... hardware=ddp_cpu trainer.devices=N`` (N = 1, 2:
+    Lightning's DDP on gloo, a process per rank, one thread each), timed by
+    ``diffft.callbacks.throughput.Throughput`` after a warm-up. Each rank takes a full batch, so
+    samples/s = batches/s x 128 x ranks."""
+    skip = 10 if quick else 100
+    runs = {"DDPM": ["experiment=swiss_roll_ddpm", "trainer.max_steps=60"]} if quick else DDP_RUNS
+    lines = [f"DDP on CPU (hardware=ddp_cpu, gloo), after {skip} warm-up batches:", ""]
+    lines.append("  method   ranks  batches/s  samples/s  speed-up")
+    speedup = {}
+
+    def batches_per_s(name: str, ranks: int) -> float:
+        path, throughput = tmp / f"{name}-{ranks}.json", "diffft.callbacks.throughput.Throughput"
+        cmd = [
+            sys.executable, "-m", "diffft.train", *runs[name], "hardware=ddp_cpu",
+            f"trainer.devices={ranks}", "eval.every_n_batches=0", "eval.compare=null",
+            "callbacks.model_checkpoint.monitor=null", "eval.solvers=null", "eval.n=1000",
+            "eval.draws=2", "eval.floor_draws=2", "eval.metrics=[sw_paper]",
+            "trainer.enable_progress_bar=false", f"hydra.run.dir={tmp}/{name}-{ranks}",
+            f"+callbacks.throughput={{_target_: {throughput}, path: '{path}', skip: {skip}}}",
+            f"paths.cache_dir={tmp}/cache",
+        ]  # fmt: skip
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp)
+        if proc.returncode:
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+        return json.loads(path.read_text())["batches_per_s"]
+
+    for name in runs:
+        with ThreadPoolExecutor(1 + quick) as pool:  # --quick: both runs at once
+            rate = dict(enumerate(pool.map(lambda r, n=name: batches_per_s(n, r), (1, 2)), 1))
+        for ranks, r in rate.items():
+            samples = r * 128 * ranks
             lines.append(
-                f"  {name:7}  {ranks:5}  {r['batches_per_s']:9.1f}  {samples:9.0f}"
-                f"  {samples / base:5.2f}x"
+                f"  {name:7}  {ranks:5}  {r:9.1f}  {samples:9.0f}  {samples / rate[1] / 128:5.2f}x"
             )
-    lines += [
+        speedup[name] = 2 * rate[2] / rate[1]
+    each = ", ".join(f"{name} {s:.2f}" for name, s in speedup.items())
+    return [
+        *lines,
         "",
-        f"  {os.cpu_count()} logical cores: two ranks share them with each other (and with the",
-        "  gradient all-reduce every step), so the ideal is 2x only on two free physical cores.",
+        f"ddp: samples/s of 2 ranks over 1: ratio {each} (2 at best, on two free cores; this"
+        f" machine has {os.cpu_count()} logical cores, shared with other work)",
     ]
-    return lines
 
 
-def bench_images(tmp: Path, quick: bool) -> list[str]:
-    """Digits (8x8, the 0.46M-parameter UNet, untrained weights: speed only), the threads of the
-    digits experiments: samples/s of the full T = 1000 chain against the T' = 10 / 4 chains that
-    fine-tuning is for, and ms (images/s of training data) per iteration of SFT-PG and DxMI."""
-    cfg = compose("train", overrides=[f"paths.output_dir={tmp}/img", "experiment=digits_ddpm"])
-    torch.set_num_threads(cfg.threads)
-    dtrain.resolve_data(cfg)
-    method = instantiate(
-        OmegaConf.to_container(cfg.method, resolve=True), _recursive_=False, _convert_="all"
-    ).eval()
-    n = 64 if quick else 256
-    chains = {"T=1000 (full chain)": method.eval_chain}
-    for steps in (10, 4):
-        chains[f"T'={steps} (fastdpm_var)"] = method.short_chain(steps, "fastdpm_var")
-    lines = [
-        f"Images: digits 8x8, UNet {sum(p.numel() for p in method.parameters()) / 1e6:.2f}M "
-        f"parameters, {cfg.threads} threads, {n} samples per call:",
-        "",
-        "  chain                  s per call  samples/s  speed-up",
-    ]
-    rates = {}
-    for name, chain in chains.items():
-        g = torch.Generator().manual_seed(0)
-        with torch.no_grad():
-            chain.sample(8, generator=g)  # warm-up
-            t = time.perf_counter()
-            chain.sample(n, generator=g)
-        rates[name] = n / (time.perf_counter() - t)
-        full = rates["T=1000 (full chain)"]
-        lines.append(
-            f"  {name:22} {n / rates[name]:10.2f}  {rates[name]:9.1f}  {rates[name] / full:7.0f}x"
-        )
-    lines += ["", "  fine-tuning iteration (one Lightning batch of 64 training images):"]
-    iters = 20 if quick else 100
-    for name, experiment in (("SFT-PG", "digits_sft_pg"), ("DxMI", "digits_dxmi")):
-        ms = diffft_sft_pg_ms(tmp, iters, experiment)
-        lines.append(
-            f"  {name:7} T'=10: {ms:8.1f} ms per iteration, {64 / ms * 1e3:7.1f} training images/s"
-            f" ({iters} iterations)"
-        )
-    short = rates["T'=10 (fastdpm_var)"]
-    lines += [
-        "",
-        f"Images: T'=10 samples {short / full:.0f}x faster than T=1000 "
-        f"({short:.0f} vs {full:.1f} samples/s)",
-    ]
-    return lines
+# -- main ---------------------------------------------------------------------------------------
+PARTS: dict[str, Callable[..., list[str]]] = {
+    "step": bench_step,
+    "quality": lambda tmp, quick: bench_run(tmp, quick, "quality"),
+    "sft_step": lambda tmp, quick: bench_finetune(tmp, quick, "sft_step"),
+    "sft_e2e": lambda tmp, quick: bench_run(tmp, quick, "sft_e2e"),
+    "dxmi_step": lambda tmp, quick: bench_finetune(tmp, quick, "dxmi_step"),
+    "images": bench_images,
+    "memory": bench_memory,
+    "ddp": bench_ddp,
+}
+SUBPROCESS_PARTS = ("memory", "ddp")  # their own processes: --quick runs them beside the others
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """Lightning's and diffft's prints (bars, summary tables) out of the bench's output."""
+    with open(os.devnull, "w") as null, contextlib.redirect_stdout(null):
+        with contextlib.redirect_stderr(null):
+            yield
 
 
 def machine() -> str:
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     return (
-        f"{platform.platform()}, {platform.processor() or platform.machine()}, "
-        f"{os.cpu_count()} cores (shared with other work; load average {load}), "
-        f"torch {torch.__version__}, lightning {L.__version__}, "
-        f"threads={torch.get_num_threads()}"
+        f"{platform.platform()}, {platform.processor() or platform.machine()}, {os.cpu_count()}"
+        f" cores (shared with other work; load average {load}), torch {torch.__version__},"
+        f" lightning {L.__version__}, threads={torch.get_num_threads()}"
     )
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="a few hundred steps, one quality cap")
-    parts = (
-        "step", "quality", "sft_step", "sft_e2e", "dxmi_step", "ddp", "images", "memory", "all",
-    )  # fmt: skip
-    p.add_argument("--part", choices=parts, default="all")
-    p.add_argument("--no-bar", action="store_true", help="skip the progress-bar variant")
+    p.add_argument("--part", choices=[*PARTS, "all"], default="all")
+    p.add_argument("--quick", action="store_true", help="every part at tiny sizes (smoke test)")
+    p.add_argument("--no-bar", action="store_true", help="step: skip the progress-bar variant")
+    p.add_argument("--out", type=Path, help="the report (default: results/bench[_quick][_PART].md)")
     args = p.parse_args()
     torch.set_num_threads(1)
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # "GPU available", tips
-    warnings.filterwarnings("ignore", module="lightning")  # few-workers and pytree notices
-    steps, repeats = (300, 3) if args.quick else (3000, 3)
-    lines = [f"machine: {machine()}", ""]
-    print(lines[0], flush=True)
+    logging.getLogger("diffft").setLevel(logging.WARNING)  # cached stage notes
+    warnings.filterwarnings("ignore")  # Lightning's few-workers and logging-interval notices
+    names = [name for name in PARTS if args.part in (name, "all")]
+    lines = [f"machine: {machine()}"]
+    lines += ["--quick: tiny sizes, a smoke test: no number below is a measurement"] * args.quick
+    print("\n".join(lines), flush=True)
     with (
         tempfile.TemporaryDirectory() as d,
         initialize_config_module("diffft.conf", version_base="1.3"),
+        ThreadPoolExecutor(2) as pool,
     ):
-        tmp = Path(d)
-        if args.part in ("step", "all"):
-            out = bench_step(tmp, steps, repeats, bar=not args.no_bar)
-            print("\n".join(out), flush=True)
-            lines += [*out, ""]
-        if args.part in ("quality", "all"):
-            out = bench_quality(tmp, 1000 if args.quick else None)
-            print("\n" + "\n".join(out), flush=True)
-            lines += [*out, ""]
-        if args.part in ("sft_step", "all"):
-            out = bench_sft_pg_step(tmp, 200 if args.quick else 1500, repeats)
-            print("\n" + "\n".join(out), flush=True)
-            lines += [*out, ""]
-        if args.part in ("sft_e2e", "all") and not args.quick:
-            out = bench_sft_pg_e2e(tmp)
-            print("\n" + "\n".join(out), flush=True)
-            lines += [*out, ""]
-        if args.part in ("dxmi_step", "all"):
-            out = bench_dxmi_step(tmp, 200 if args.quick else 1500, repeats)
-            print("\n" + "\n".join(out), flush=True)
-            lines += [*out, ""]
-        if args.part in ("images", "all"):
-            out = bench_images(tmp, args.quick)
-            print("\n" + "\n".join(out), flush=True)
-            lines += [*out, ""]
-        if args.part in ("memory", "all"):
-            sys.path.insert(0, str(Path(__file__).parent))
-            from memory import bench_memory  # one process per measurement (peak RSS)
 
-            out = bench_memory(threads=2)
-            print("\n" + "\n".join(out), flush=True)
-            lines += [*out, ""]
-        if args.part in ("ddp", "all"):
-            out = bench_ddp(tmp, args.quick)
-            print("\n" + "\n".join(out), flush=True)
-            lines += [*out, ""]
+        def part(name: str) -> list[str]:
+            (Path(d) / name).mkdir()
+            t = time.perf_counter()
+            kw = {"bar": not args.no_bar} if name == "step" else {}
+            out = PARTS[name](Path(d) / name, args.quick, **kw)
+            return ["", *out, f"({name}: {time.perf_counter() - t:.0f} s)"]
+
+        aside = {n: pool.submit(part, n) for n in names if args.quick and n in SUBPROCESS_PARTS}
+        for name in names:
+            out = aside[name].result() if name in aside else part(name)
+            print("\n".join(out), flush=True)
+            lines += out
     lines += [
-        f"Note: {os.cpu_count()} cores shared with other work, absolute times move with its load",
-        "(up to 2x; see the load average). Ratios pair interleaved runs and are steadier.",
+        "",
+        f"{os.cpu_count()} cores shared with other work: absolute times move with its load (see"
+        " the load average); ratios pair interleaved runs and are steadier.",
     ]
     command = " ".join([".venv/bin/python", "experiments/bench.py", *sys.argv[1:]])
     header = [f"# diffft benchmark ({datetime.now():%Y-%m-%d %H:%M})", "", f"command: `{command}`"]
-    # bench.md holds a full run of every part; a quick run or a single part has its own file.
-    part = "" if args.part == "all" else f"_{args.part}"
-    name = "bench" + ("_quick" if args.quick else "") + part
-    out_file = RESULTS.with_name(f"{name}.md")
+    name = "bench" + "_quick" * args.quick + ("" if args.part == "all" else f"_{args.part}")
+    out_file = args.out or RESULTS / f"{name}.md"
     out_file.parent.mkdir(parents=True, exist_ok=True)
     out_file.write_text("\n".join([*header, "", "```", *lines, "```", ""]))
     print(f"\nsaved to {out_file}")

@@ -55,8 +55,11 @@ def dxmi(chunk: int | None, td_update: str) -> DxMI:
     return DxMI(
         event_shape=[2],
         sampler={"steps": 3},
-        value={"_target_": "diffft.nets.mlp.TimeMLP", "width": 8, "out_dim": 1},
-        energy={"_target_": "diffft.nets.mlp.MLP", "width": 8},
+        cost={
+            "_target_": "diffft.methods.costs.SeparateEnergyValue",
+            "value": {"_target_": "diffft.nets.mlp.TimeMLP", "width": 8, "out_dim": 1},
+            "energy": {"_target_": "diffft.nets.mlp.MLP", "width": 8},
+        },
         ddpm=DDPM,
         rollout_batch=10,  # TD over 30 transitions (joint) or 10 per step
         sampler_batch=10,

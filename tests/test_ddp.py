@@ -138,7 +138,7 @@ def test_two_process_ddp_keeps_parameters_identical_and_draws_differ(
 def test_a_sweep_with_the_popen_ddp_launcher_is_refused_before_it_runs(make_cfg):
     from hydra.types import RunMode
 
-    from diffft.train import check_launch
+    from diffft.checks import check_launch
 
     cfg = make_cfg("experiment=swiss_roll_ddpm", "hardware=ddp_cpu")
     check_launch(cfg, RunMode.RUN)  # a single run: Lightning re-runs the command per rank

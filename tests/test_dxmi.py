@@ -70,8 +70,11 @@ def test_td_learns_the_closed_form_cost_to_go_of_a_linear_gaussian_chain(tau, td
     method = DxMI(
         event_shape=[2],
         sampler={"steps": 3},
-        value={"_target_": "tests.test_dxmi.QuadraticValue"},
-        reward={"_target_": "tests.test_dxmi.sq_norm"},
+        cost={
+            "_target_": "diffft.methods.costs.FixedReward",
+            "value": {"_target_": "tests.test_dxmi.QuadraticValue"},
+            "reward": {"_target_": "tests.test_dxmi.sq_norm"},
+        },
         ddpm=DDPM_T3,
         tau=tau,
         lr={"sampler": 0.0, "sigma": 0.0, "value": 0.05},
@@ -93,7 +96,7 @@ def test_td_learns_the_closed_form_cost_to_go_of_a_linear_gaussian_chain(tau, td
         B.append(
             B[-1] + D * sigma[k] ** 2 * A[k - 1] + tau * (D * sigma[k] ** 2 / (2 * s2[k]) + entropy)
         )
-    learned = method.value
+    learned = method.cost.value_net
     for k in range(1, 4):  # the value net's index k - 1 holds V_k (V_0 is the fixed cost)
         a, b = float(learned.a[k - 1].detach()), float(learned.b[k - 1].detach())
         assert a == pytest.approx(float(A[k]), rel=0.05, abs=0.02), (k, a, A[k])
@@ -105,8 +108,11 @@ def test_avr_converges_to_the_mean_squared_step_over_d():
     method = DxMI(
         event_shape=[2],
         sampler={"steps": 3},
-        value={"_target_": "diffft.nets.mlp.TimeMLP", "width": 8, "depth": 1, "out_dim": 1},
-        reward={"_target_": "tests.test_dxmi.sq_norm"},
+        cost={
+            "_target_": "diffft.methods.costs.FixedReward",
+            "value": {"_target_": "diffft.nets.mlp.TimeMLP", "width": 8, "depth": 1, "out_dim": 1},
+            "reward": {"_target_": "tests.test_dxmi.sq_norm"},
+        },
         ddpm=DDPM_T3,
         avr_alpha=0.9,
     )
@@ -124,7 +130,10 @@ def test_dxdp_lowers_a_users_own_cost(make_cfg):
     cfg = make_cfg(
         "experiment=eight_gaussians_dxmi",
         "method=dxdp",
-        "method.reward._target_=tests.test_dxmi.distance_to",
+        # the experiment's cost is a separate energy: name DxDP's fixed cost instead
+        "method.cost._target_=diffft.methods.costs.FixedReward",
+        "~method.cost.energy",
+        "method.cost.reward._target_=tests.test_dxmi.distance_to",
         "debug=fast",
         "trainer.max_steps=-1",
         "trainer.max_epochs=8",
@@ -140,7 +149,7 @@ def test_dxdp_lowers_a_users_own_cost(make_cfg):
     with torch.no_grad():
         tuned = distance_to(method.chain.sample(4000, generator=g())).mean()
         init = distance_to(method.init_chain.sample(4000, generator=g())).mean()
-    assert not method.energies()  # a fixed cost: no learned energy, no AUC row
+    assert method.main_row().energy is None  # a fixed cost: no learned energy, no AUC row
     assert tuned < 0.7 * init, (tuned, init)
 
 
@@ -175,7 +184,7 @@ def test_energy_is_low_on_data_and_value_guidance_lowers_it(make_cfg, tmp_path):
     noise = torch.rand(5000, 2, generator=g) * 8 - 4
     with torch.no_grad():
         assert method.energy_fn(real).mean() < method.energy_fn(noise).mean()
-    guided = method.samplers()["DxMI T=5 + value guidance λ=0.5"]
+    guided = {r.label: r.sampler for r in method.rows()}["DxMI T=5 + value guidance λ=0.5"]
     with torch.no_grad():
         plain_x = method.chain.sample(5000, generator=torch.Generator().manual_seed(2))
         guided_x = guided.sample(5000, generator=torch.Generator().manual_seed(2))
@@ -204,33 +213,48 @@ def test_energy_is_low_on_data_and_value_guidance_lowers_it(make_cfg, tmp_path):
 
 def test_bad_dxmi_keys_name_the_key():
     kwargs = {"event_shape": [2], "sampler": {"steps": 3}, "ddpm": DDPM_T3}
-    kwargs["value"] = {"_target_": "x"}
+    value = {"_target_": "diffft.nets.mlp.TimeMLP"}
+    shared = {"_target_": "diffft.methods.costs.SharedTimeValue", "value": value}
     with pytest.raises(ValueError, match="method.running_cost_reduction"):
-        DxMI(**kwargs, running_cost_reduction="avg")
-    with pytest.raises(ValueError, match="method.time_cost"):
-        DxMI(**{**kwargs, "value": {"_target_": "diffft.nets.mlp.TimeMLP"}}, time_cost="cubic")
-    with pytest.raises(ValueError, match="method.reward._target_='no_such.cost'"):
-        DxMI(**kwargs, reward={"_target_": "no_such.cost"})
+        DxMI(**kwargs, cost=shared, running_cost_reduction="avg")
+    with pytest.raises(ValueError, match="method.lr_schedule='linear'"):
+        DxMI(**kwargs, cost=shared, lr_schedule="linear")
+    with pytest.raises(ValueError, match="method.cost.time_cost='cubic'"):
+        DxMI(**kwargs, cost={**shared, "time_cost": "cubic"})
+    with pytest.raises(ValueError, match="method.cost._target_='no_such.Cost' cannot be"):
+        DxMI(**kwargs, cost={**shared, "_target_": "no_such.Cost"})
+    with pytest.raises(ValueError, match="method.cost._target_='torch.nn.Linear': expected"):
+        DxMI(**kwargs, cost={**shared, "_target_": "torch.nn.Linear"})
+    reward = {**shared, "_target_": "diffft.methods.costs.FixedReward"}
+    with pytest.raises(ValueError, match="method.cost.reward._target_='no_such.cost'"):
+        DxMI(**kwargs, cost={**reward, "reward": {"_target_": "no_such.cost"}})
+    with pytest.raises(ValueError, match="method.cost.reward_is='gain'"):
+        DxMI(**kwargs, cost={**reward, "reward": {"_target_": "x.y"}, "reward_is": "gain"})
+    with pytest.raises(ValueError, match="picks SeparateEnergyValue: a fixed cost"):
+        separate = {**shared, "_target_": "diffft.methods.costs.SeparateEnergyValue"}
+        DxMI(**kwargs, cost={**separate, "energy": {}, "reward": {"_target_": "x.y"}})
+    with pytest.raises(ValueError, match="needs a network without a time input"):
+        DxMI(**kwargs, cost={**shared, "_target_": "diffft.methods.costs.TimeIndependentValue"})
+
+
+QUADRATIC = {"_target_": "tests.test_dxmi.QuadraticValue"}
+SMALL_ENERGY = {"_target_": "diffft.nets.mlp.MLP", "width": 8, "depth": 1}
+SEPARATE = "diffft.methods.costs.SeparateEnergyValue"
 
 
 def _small(**kw):
     L.seed_everything(0, verbose=False)
-    base = {
-        "event_shape": [2],
-        "sampler": {"steps": 3},
-        "value": {"_target_": "tests.test_dxmi.QuadraticValue"},
-        "ddpm": DDPM_T3,
-    }
+    base = {"event_shape": [2], "sampler": {"steps": 3}, "ddpm": DDPM_T3}
     return DxMI(**{**base, **kw})
 
 
 def test_value_guidance_descends_the_value_of_the_step_just_reached():
-    method = _small(energy={"_target_": "diffft.nets.mlp.MLP", "width": 8, "depth": 1})
+    method = _small(cost={"_target_": SEPARATE, "value": QUADRATIC, "energy": SMALL_ENERGY})
     with torch.no_grad():
-        method.value.a.copy_(torch.tensor([0.5, 1.0, 2.0]))  # V_1, V_2, V_3
-    assert not any("guidance" in name for name in method.samplers())  # none by default
+        method.cost.value_net.a.copy_(torch.tensor([0.5, 1.0, 2.0]))  # V_1, V_2, V_3
+    assert not any("guidance" in r.label for r in method.rows())  # none by default
     method.hparams.guidance = [0.3]
-    guided = method.samplers()["DxMI T=3 + value guidance λ=0.3"]
+    guided = {r.label: r.sampler for r in method.rows()}["DxMI T=3 + value guidance λ=0.3"]
     x = torch.randn(5, 2)
     out = guided.guide(x, 2)  # after the step out of x_3: x_2 - lambda sigma_3 grad V_2(x_2)
     sigma_3 = method.chain.sigma(torch.full((5,), 3)).detach()
@@ -240,14 +264,14 @@ def test_value_guidance_descends_the_value_of_the_step_just_reached():
 def test_sampler_step_with_entropy_raises_sigma_and_value_fn_keeps_the_row_order():
     # A flat value: only the entropy term -tau1 D log sigma acts on sigma (tau2 = 0).
     method = _small(
-        energy={"_target_": "diffft.nets.mlp.MLP", "width": 8, "depth": 1},
+        cost={"_target_": SEPARATE, "value": QUADRATIC, "energy": SMALL_ENERGY},
         tau1=0.5,
         tau2=0.0,
         lr={"sampler": 0.0, "sigma": 0.05, "value": 0.0, "energy": 0.0},
         lr_schedule="constant",
         avr_alpha=1.0,
     )
-    for p in method.energy.parameters():
+    for p in method.cost.energy_net.parameters():
         nn.init.zeros_(p)
     before = method.chain.log_sigma.detach().clone()
     _fit(method, batches=5, epochs=2)
@@ -261,10 +285,11 @@ def test_sampler_step_with_entropy_raises_sigma_and_value_fn_keeps_the_row_order
 
 
 def test_a_shared_energy_is_the_values_step_zero():
-    method = _small(value={"_target_": "diffft.nets.mlp.TimeMLP", "width": 8, "depth": 1,
-                           "out_dim": 1})  # fmt: skip
-    assert method.energy is None and method.value.n_steps == 4  # V_0 .. V_3
+    value = {"_target_": "diffft.nets.mlp.TimeMLP", "width": 8, "depth": 1, "out_dim": 1}
+    method = _small(cost={"_target_": "diffft.methods.costs.SharedTimeValue", "value": value})
+    net = method.cost.value_net
+    assert set(method._parts()) == {"sampler", "sigma", "value"} and net.n_steps == 4  # V_0..V_3
     x = torch.randn(4, 2)
     with torch.no_grad():
         zero = torch.zeros(4, dtype=torch.long)
-        torch.testing.assert_close(method.energy_fn(x), method.value(x, zero).view(-1))
+        torch.testing.assert_close(method.energy_fn(x), net(x, zero).view(-1))

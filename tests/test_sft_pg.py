@@ -58,7 +58,7 @@ def test_checkpoint_restores_three_optimisers_counters_and_buffer(make_cfg, tmp_
     assert all(s["state"] for s in ckpt["optimizer_states"])  # Adam moments of every part
     states = ckpt["optimizer_states"][1]["state"]
     assert len(states) == sum(len(g["params"]) for g in ckpt["optimizer_states"][1]["param_groups"])
-    it = ckpt["state_dict"]["iteration"].item()
+    it = ckpt["diffft_batches_done"]  # the method's one counter: its iterations
     # global_step counts every optimiser step: critic+baseline per iteration, generator once
     # per n_critic = 5 iterations.
     assert ckpt["global_step"] == it + it // 5 >= 16
@@ -69,7 +69,7 @@ def test_checkpoint_restores_three_optimisers_counters_and_buffer(make_cfg, tmp_
     )
     train(resumed)
     ckpt2 = torch.load(tmp_path / "resumed/checkpoints/last.ckpt", weights_only=False)
-    it2 = ckpt2["state_dict"]["iteration"].item()
+    it2 = ckpt2["diffft_batches_done"]
     assert it2 > it and ckpt2["global_step"] == it2 + it2 // 5 >= 30
 
     # A fine-tuned checkpoint loads on its own (no DDPM file needed) and samples.
@@ -120,7 +120,7 @@ def test_generator_minibatches_are_full_when_steps_exceed_the_buffer():
     )
     method.buffer = [method.chain.sample(2, return_trajectory=True).states]  # 8 transitions
     sizes = []
-    method.accumulate = lambda opts, n, loss_of, chunk, part: loss_of(slice(0, n)).detach()
+    method.manual_step = lambda opts, loss_of, n, **kw: loss_of(slice(0, n)).detach()
     log_prob = method.chain.log_prob
     method.chain.log_prob = lambda *a: sizes.append(a[0].shape[0]) or log_prob(*a)
     method.policy_gradient_steps(None, torch.Generator().manual_seed(0))

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from diffft.stages import compare_stages, stage_config, stage_key
-from diffft.train import check_overrides, train
+from diffft.checks import check_overrides
+from diffft.report.stages import compare_stages, stage_config, stage_key
+from diffft.train import train
 
 
 def helix(n: int = 2000, seed: int = 0) -> np.ndarray:
@@ -120,9 +121,9 @@ def test_the_cache_key_follows_the_training_data_only(make_cfg, tmp_path):
 
 
 def test_bad_solver_rows_fail_before_training(make_cfg, monkeypatch):
-    import diffft.train as dtrain
+    import diffft.report.stages as stages
 
-    monkeypatch.setattr(dtrain, "cached_stage", lambda *a: pytest.fail("trained a stage"))
+    monkeypatch.setattr(stages, "cached_stage", lambda *a: pytest.fail("trained a stage"))
     cfg = make_cfg("experiment=swiss_roll_sft_pg", "debug=fast", "method.sampler.steps=3")
     with pytest.raises(ValueError, match="ddim needs eval.solvers.steps=3 to divide .* T=1000"):
         train(cfg)
@@ -131,11 +132,14 @@ def test_bad_solver_rows_fail_before_training(make_cfg, monkeypatch):
 
 
 def test_paper_references_print_only_for_their_data_and_setup(make_cfg):
-    from diffft.train import references_for
+    from diffft.report.references import references_for as by_id
+
+    def references_for(cfg, identity):
+        return by_id(OmegaConf.to_container(cfg, resolve=True), identity)
 
     roll = {"name": "swiss_roll", "n_train": 10000, "n_test": 10000, "seed": 0}
     cfg = make_cfg("experiment=swiss_roll_ddpm")
-    assert "DDPM T=10" in references_for(cfg, roll)  # the paper's sigmoid setup, its data
+    assert "ddpm_T10" in references_for(cfg, roll)  # the paper's sigmoid setup, its data
     assert references_for(cfg, {**roll, "seed": 1}) == {}  # other data
     cosine = make_cfg("experiment=swiss_roll_ddpm", "method.schedule.name=cosine")
     assert references_for(cosine, roll) == {}  # another setup: its rows print '–'

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffft.stages import compare_stages
+from diffft.report.stages import compare_stages
 from diffft.train import train
 
 # From the installed package (conf/ is installed as diffft.conf), as `python -m diffft.train`
@@ -193,7 +193,7 @@ def test_cosine_lr_schedule_decays_to_zero_and_bad_name_fails(make_cfg, tmp_path
 
 
 def test_parallel_runs_train_a_cached_stage_once(make_cfg, monkeypatch):
-    import diffft.stages as stages
+    import diffft.report.stages as stages
 
     cfg = make_cfg("experiment=swiss_roll_sft_pg", "debug=fast")
     calls = []

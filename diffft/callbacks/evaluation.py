@@ -58,7 +58,7 @@ class PeriodicEvaluation(L.Callback):
             self.elapsed += now - self._start
             # Rank 0 samples and scores; the others wait in the broadcast and log the same
             # values (checkpoint monitoring runs on every rank).
-            energy = next(iter(pl_module.energies().values()), None)  # the run's own energy
+            energy = pl_module.main_row().energy  # the run's own energy (or None)
             values = {}
             if trainer.is_global_zero:
                 pl_module.eval()  # the energy / value nets too, not only the sampler

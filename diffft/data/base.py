@@ -135,6 +135,11 @@ class InMemoryDataModule(L.LightningDataModule):
     def identity(self) -> dict[str, Any]:
         raise NotImplementedError
 
+    def training_settings(self) -> dict[str, Any]:
+        """What a model trained on these data also depends on beyond their ``identity()``: the
+        batch size and any augmentation (part of a cached stage's key)."""
+        return {"batch_size": self.batch_size, "hflip": bool(getattr(self, "hflip", False))}
+
     def fresh(self, n: int, seed: int, reference: str = "train") -> torch.Tensor:
         raise NotImplementedError
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import importlib
 import inspect
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,14 +16,14 @@ import lightning as L
 import torch
 
 from diffft.diffusion.chain import GaussianChain
-from diffft.diffusion.sampler import Sampler
+from diffft.rows import Row, main_row
 from diffft.seeding import batch_seed
 
 
 class SamplerMethod(L.LightningModule):
     """A LightningModule that owns a ``GaussianChain`` (``self.chain``) and its EMA.
 
-    Subclasses build ``self.chain`` and then call ``self.init_ema(decay)``. ``samplers()`` names
+    Subclasses build ``self.chain`` and then call ``self.init_ema(decay)``. ``rows()`` names
     the chains the evaluation reports (the EMA chain when EMA is on). Everything registered as a
     submodule or buffer (nets, EMA, learnable sigma) is in the checkpoint.
 
@@ -47,6 +48,20 @@ class SamplerMethod(L.LightningModule):
     # False for a method without a sampler (an encoder): no periodic evaluation, no table.
     samples: bool = True
 
+    @classmethod
+    def stages(cls, cfg: dict[str, Any]) -> dict[str, str]:
+        """The cached stages the method configured by ``cfg`` (its ``method`` node) needs, as
+        ``{constructor argument: top-level config node}``: the stage layer trains (or reuses)
+        the run that node's ``overrides`` describe and passes its ``last.ckpt`` as that argument
+        (``diffft.report.stages.provide``). None by default."""
+        return {}
+
+    @classmethod
+    def ddpm_steps(cls, cfg: dict[str, Any]) -> int | None:
+        """T of the DDPM this configuration trains (the training-free solvers run on it), or
+        None when the method is not a DDPM."""
+        return None
+
     def init_ema(self, decay: float) -> None:
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"method.ema_decay must be in [0, 1), got {decay}")
@@ -66,14 +81,15 @@ class SamplerMethod(L.LightningModule):
         """The chain used for sampling and evaluation (EMA when enabled)."""
         return self.ema_chain if self.ema_chain is not None else self.chain
 
-    def samplers(self) -> dict[str, Sampler]:
-        """Named samplers to evaluate at the end of a run; the first is the main one."""
+    def rows(self) -> list[Row]:
+        """The rows this method offers the table (``diffft.rows.Row``): exactly one with role
+        ``main`` (the run's model, also what the periodic evaluation and ``diffft.sample`` /
+        ``diffft.score`` use), then its init, variants ...; none for a method that does not
+        sample (an encoder)."""
         raise NotImplementedError
 
-    def energies(self) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
-        """``{sampler name: energy}`` for the rows that have an energy (points -> ``[n]``, low
-        on data), scored by the energy metrics such as ``auc``; none by default."""
-        return {}
+    def main_row(self) -> Row:
+        return main_row(self.rows())
 
     def extra_plots(self, out: Path, data: torch.Tensor, samples: torch.Tensor) -> list[Path]:
         """Method-specific figures written beside ``samples.png`` (``samples``: the main row's);
@@ -133,13 +149,44 @@ class SamplerMethod(L.LightningModule):
         checkpoint["diffft_batches_done"] = self.batches_done
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Called before the state dict is loaded, by a Lightning resume and by ``load_method``.
         self.data_identity = checkpoint.get("diffft_data", self.data_identity)
         self.seed = checkpoint.get("diffft_seed", self.seed)
         self.batches_done = checkpoint.get("diffft_batches_done", self.batches_done)
+        # Fine-tuning methods counted their iterations a second time, in an ``iteration``
+        # buffer (always equal to ``batches_done``); checkpoints from then still load.
+        checkpoint.get("state_dict", {}).pop("iteration", None)
+
+    @classmethod
+    def upgrade_hparams(cls, hparams: dict[str, Any]) -> dict[str, Any]:
+        """Saved hyper-parameters of an older version in this version's form (``load_method``
+        rebuilds the method from them); nothing to translate by default."""
+        return hparams
 
 
 class NonFiniteLossError(FloatingPointError):
     """A loss became NaN or infinite; the message names the step and the part."""
+
+
+# Learning-rate schedules of every method (``method.lr_schedule``).
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def check_lr_schedule(name: str) -> None:
+    if name not in LR_SCHEDULES:
+        raise ValueError(f"method.lr_schedule={name!r}; expected one of {LR_SCHEDULES}")
+
+
+def cosine_decay(total: int) -> Callable[[int], float]:
+    """The factor of the base learning rate after ``i`` scheduler steps, ``0.5 (1 + cos(pi
+    min(i, total) / total))``: 1 at the start, 0 after ``total`` steps (and after). The closed
+    form, for ``torch.optim.lr_scheduler.LambdaLR``: each step's rate is ``base * factor``
+    exactly, with nothing accumulated from the previous steps."""
+
+    def factor(i: int) -> float:
+        return 0.5 * (1 + math.cos(math.pi * min(i, total) / total))
+
+    return factor
 
 
 def known_hparams(cls: type, hparams: dict[str, Any]) -> dict[str, Any]:
@@ -185,7 +232,7 @@ def load_method(path: str, key_name: str = "ckpt") -> SamplerMethod:
     cls = getattr(importlib.import_module(module), name)
     # What LightningModule.load_from_checkpoint does, without reading the file a second time;
     # like it, hyper-parameters that are no longer arguments (older versions) are dropped.
-    method = cls(**known_hparams(cls, ckpt["hyper_parameters"]))
+    method = cls(**known_hparams(cls, cls.upgrade_hparams(dict(ckpt["hyper_parameters"]))))
     method.on_load_checkpoint(ckpt)
     method.load_state_dict(ckpt["state_dict"])
     return method

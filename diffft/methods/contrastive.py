@@ -61,11 +61,11 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 from torch import nn
 
-from diffft.diffusion.chain import GaussianChain
 from diffft.diffusion.forward import denoising_loss
 from diffft.diffusion.schedules import alpha_bar
-from diffft.methods.base import load_method
+from diffft.methods.base import check_lr_schedule, load_method
 from diffft.methods.finetune import FineTuneMethod
+from diffft.rows import Row
 
 log = logging.getLogger("diffft")
 
@@ -120,10 +120,20 @@ class ContrastiveChain(FineTuneMethod):
     pairing / positives: which two states form a pair; ``shuffled`` is a control.
     window / checkpoint: truncated BPTT and per-step gradient checkpointing of the rollout.
     n_chains: chains rolled out per step (the queries). antithetic: J_SM's paired times.
-    optimizer / grad_clip / ema_decay: the eps-network's optimisation.
+    optimizer / grad_clip / ema_decay: the eps-network's optimisation. lr_schedule: ``constant``
+        | ``cosine`` (to 0 over the run's batches).
     ddpm / encoder_net: the DDPM's hyper-parameters and the encoder's network config (filled
         in when built; they let a checkpoint of this method load without the stage files).
     """
+
+    @classmethod
+    def stages(cls, cfg: dict[str, Any]) -> dict[str, str]:
+        """The DDPM (``pretrain``) and, for ``encoder=trained|random`` with an empty
+        ``encoder_from``, the SimCLR encoder (``encoder_stage``) of the run's data."""
+        out = super().stages(cfg)
+        if cfg.get("encoder") in ("trained", "random") and not cfg.get("encoder_from"):
+            out["encoder_from"] = "encoder_stage"
+        return out
 
     def __init__(
         self,
@@ -147,10 +157,12 @@ class ContrastiveChain(FineTuneMethod):
         optimizer: dict[str, Any] | None = None,
         grad_clip: float | None = 1.0,
         ema_decay: float = 0.0,
+        lr_schedule: str = "constant",
         ddpm: dict[str, Any] | None = None,
         encoder_net: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
+        check_lr_schedule(lr_schedule)
         for key, value, allowed in (
             ("beta_schedule", beta_schedule, BETA_SCHEDULES),
             ("pairing", pairing, PAIRINGS),
@@ -300,9 +312,11 @@ class ContrastiveChain(FineTuneMethod):
         return (weight * per_chain).mean(), weight
 
     # -- optimisation -----------------------------------------------------------------------------
-    def configure_optimizers(self) -> torch.optim.Optimizer:
+    def configure_optimizers(self) -> Any:
+        """Adam on the eps-network (automatic optimisation: Lightning steps its scheduler)."""
         opt = self.hparams.optimizer or {"_target_": "torch.optim.Adam", "lr": 1e-4}
-        return instantiate(opt, params=self.chain.eps_net.parameters())
+        opt = instantiate(opt, params=self.chain.eps_net.parameters())
+        return self.lr_schedule_config([opt], self.hparams.lr_schedule)
 
     def configure_gradient_clipping(self, optimizer: Any, *args: Any, **kwargs: Any) -> None:
         if self.hparams.grad_clip:
@@ -310,7 +324,6 @@ class ContrastiveChain(FineTuneMethod):
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
-        self.iteration += 1
         self.update_ema()
 
     # -- evaluation -------------------------------------------------------------------------------
@@ -331,6 +344,9 @@ class ContrastiveChain(FineTuneMethod):
         extra = f", {', '.join(parts)}" if parts else ""
         return f"C++ T'={steps}{extra}"
 
-    def samplers(self) -> dict[str, GaussianChain]:
+    def rows(self) -> list[Row]:
         steps = self.chain.steps
-        return {self.row_name(): self.eval_chain, f"DDPM T'={steps} (init)": self.init_chain}
+        return [
+            Row("contrastive", self.row_name(), self.eval_chain),
+            Row("init", f"DDPM T'={steps} (init)", self.init_chain, role="init"),
+        ]

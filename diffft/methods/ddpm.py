@@ -16,11 +16,10 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from diffft.diffusion.chain import GaussianChain
 from diffft.diffusion.forward import denoising_loss
-from diffft.diffusion.sampler import Sampler, SchedulerSampler
+from diffft.diffusion.sampler import SchedulerSampler
 from diffft.diffusion.schedules import alpha_bar, beta_schedule, subsample
-from diffft.methods.base import SamplerMethod
-
-LR_SCHEDULES = ("constant", "cosine")
+from diffft.methods.base import SamplerMethod, check_lr_schedule
+from diffft.rows import Row
 
 
 class DDPM(SamplerMethod):
@@ -43,6 +42,10 @@ class DDPM(SamplerMethod):
     ranks (``effective_batch`` in the run's ``config.yaml``).
     """
 
+    @classmethod
+    def ddpm_steps(cls, cfg: dict[str, Any]) -> int | None:
+        return int(cfg["schedule"]["steps"])
+
     def __init__(
         self,
         backbone: dict[str, Any],
@@ -57,8 +60,7 @@ class DDPM(SamplerMethod):
         lr_schedule: str = "constant",
     ) -> None:
         super().__init__()
-        if lr_schedule not in LR_SCHEDULES:
-            raise ValueError(f"method.lr_schedule={lr_schedule!r}; expected one of {LR_SCHEDULES}")
+        check_lr_schedule(lr_schedule)
         self.save_hyperparameters()
         betas = beta_schedule(**schedule)
         self.register_buffer("betas", betas)  # float64: sub-sampling needs the exact schedule
@@ -101,6 +103,9 @@ class DDPM(SamplerMethod):
             raise ValueError(
                 "method.lr_schedule=cosine needs a finite run: set trainer.max_steps or max_epochs"
             )
+        # torch's CosineAnnealingLR over optimiser steps (its recursive form, whose state the
+        # DDPM checkpoints hold), not the fine-tuning methods' closed-form LambdaLR: the two
+        # differ in the last bits, and the cached pretrained DDPMs were trained with this one.
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
@@ -133,18 +138,22 @@ class DDPM(SamplerMethod):
         sampler = SchedulerSampler(net, self.betas, steps, solver, self.event_shape)
         return sampler.to(self.device).eval()  # its borrowed eps-net is not switched to train
 
-    def samplers(self) -> dict[str, Sampler]:
-        out: dict[str, Sampler] = {f"DDPM T={self.chain.steps}": self.eval_chain}
+    def rows(self) -> list[Row]:
+        """Its own chain (id ``ddpm_T{T}``), then one variant per ``eval_steps`` entry: a
+        sub-sampled chain (``ddpm_T{T}_to{S}_{subsample}``, any other chain key appended) or a
+        solver (``{solver}_{S}``)."""
+        T = self.chain.steps
+        out = [Row(f"ddpm_T{T}", f"DDPM T={T}", self.eval_chain)]
         for spec in self.hparams.eval_steps or []:
             spec = dict(spec)
             steps = spec.pop("steps")
             if "solver" in spec:
-                sampler = self.solver(steps, spec.pop("solver"))
-                out[sampler.label] = sampler
+                sampler = self.solver(steps, spec["solver"])
+                out.append(Row(f"{spec['solver']}_{steps}", sampler.label, sampler, role="variant"))
                 continue
             kind = spec.pop("subsample", "uniform")
             extra = "".join(f", {k}={v}" for k, v in spec.items())  # spacing, variance, ...
-            out[f"DDPM T={self.chain.steps}→{steps} ({kind}{extra})"] = self.short_chain(
-                steps, kind, **spec
-            ).to(self.device)
+            row_id = f"ddpm_T{T}_to{steps}_{kind}" + "".join(f"_{k}={v}" for k, v in spec.items())
+            chain = self.short_chain(steps, kind, **spec).to(self.device)
+            out.append(Row(row_id, f"DDPM T={T}→{steps} ({kind}{extra})", chain, role="variant"))
         return out

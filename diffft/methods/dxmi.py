@@ -31,14 +31,15 @@ and the paper's ``s_t`` of the transition out of ``x_t`` is ``s_k`` of the step 
 is V(x_{t+1}) + tau2 mean_d(dx^2) / (2 s_t^2) - tau1 log sigma_t). ``tau`` sets both
 temperatures; ``tau1`` / ``tau2`` (Sec. 4.3) override it.
 
-**Value and energy.** ``time_dependent: true`` (Alg. 1, 2-D): ``value`` is a time-conditioned
-net ``V(x, k)``; ``false`` (Alg. 2, images): ``V(x)`` for every step. ``energy: null`` shares
-the energy with the value (the paper's setups: ``E = V(., 0)`` of a time-dependent value with
-K + 1 steps, or ``E = V``); its energy and TD steps then share the value's optimiser. ``energy:
-{_target_: ...}`` is a separate network with its own optimiser, and ``V_0 = E`` still closes the
-recursion. **DxDP**: ``reward: {_target_: pkg.fn}`` is a *fixed* terminal cost (any callable on
-points ``[n, D] -> [n]``, or a class building one; ``reward_is: reward`` minimises its negative);
-the energy step is then skipped and only the value and the sampler train.
+**Value and energy** (``method.cost``, a module of ``diffft.methods.costs`` picked by its
+``_target_``; each gives ``V_k(x)`` for k = 0..K with ``V_0 = E`` and owns its networks):
+``SharedTimeValue`` (Alg. 1, 2-D: one time-conditioned net, ``E = V(., 0)`` of K + 1 steps),
+``TimeIndependentValue`` (Alg. 2, images: ``V(x)`` for every step, ``E = V``, with ``time_cost:
+sigmoid``), both training the energy with the value's optimiser; ``SeparateEnergyValue`` (an
+energy network with its own optimiser, ``V_0 = E`` still closes the recursion). **DxDP**:
+``FixedReward``, a *fixed* terminal cost (any callable on points ``[n, D] -> [n]``, or a class
+building one; ``reward_is: reward`` minimises its negative); the energy step is then skipped and
+only the value and the sampler train.
 
 **Value guidance** (Sec. 5.2) at sampling time, with the paper's sign: after each step
 ``x_{k-1} <- x_{k-1} - lambda sigma_k grad V_{k-1}(x_{k-1})`` (descend the cost-to-go; the
@@ -58,10 +59,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from hydra.utils import get_object, instantiate
+from hydra.utils import instantiate
 from torch import nn
 
 from diffft.diffusion.chain import GaussianChain
+from diffft.methods.base import check_lr_schedule
+from diffft.methods.costs import LEGACY_PREFIXES, build_cost, cost_config_of
 from diffft.methods.diagnostics import sample_diagnostics, sigma_logs
 from diffft.methods.finetune import FineTuneMethod
 from diffft.methods.losses import (
@@ -70,31 +73,12 @@ from diffft.methods.losses import (
     entropy_cost,
     running_cost,
     td_loss,
-    time_cost,
 )
+from diffft.rows import Row
 
 REDUCTIONS = ("sum", "mean")
 TD_UPDATES = ("joint", "per_step")
-LR_SCHEDULES = ("constant", "cosine")
 AVR_INITS = ("sigma", "beta")
-
-
-def build_reward(cfg: dict[str, Any]) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A fixed cost ``[n, D] -> [n]`` from ``{_target_: pkg.fn, **kwargs}``: a function gets
-    the kwargs bound (``functools.partial``), a class is instantiated with them."""
-    cfg = dict(cfg)
-    if "_target_" not in cfg:
-        raise ValueError(f"method.reward={cfg}: expected {{_target_: my_pkg.my_cost, ...}}")
-    try:
-        target = get_object(cfg["_target_"])
-    except Exception as err:  # hydra wraps the ImportError
-        raise ValueError(
-            f"method.reward._target_='{cfg['_target_']}' cannot be imported: {err}"
-        ) from None
-    if isinstance(target, type):
-        module = instantiate(cfg)
-        return module.requires_grad_(False) if isinstance(module, nn.Module) else module
-    return instantiate(cfg, _partial_=True)
 
 
 class DxMI(FineTuneMethod):
@@ -104,12 +88,10 @@ class DxMI(FineTuneMethod):
     sampler: the T-step chain (``steps``, ``subsample``; ``learn_sigma`` is always on).
     fresh_sampler: keep the DDPM's architecture and schedule but start from random weights
         (Table 1's "no pretraining" row).
-    value: the value network config. time_dependent: ``V(x, k)`` (Alg. 1) or ``V(x)`` (Alg. 2).
-    energy: the energy network config, or null: shared with the value (see the module doc).
-    reward: a fixed cost instead of a learned energy (DxDP). reward_is: ``cost`` | ``reward``.
+    cost: the cost-to-go, ``{_target_: diffft.methods.costs.NAME, ...}``: its value (and energy)
+        networks, or DxDP's fixed reward, and the time cost (null: running costs in the TD
+        target, Alg. 1; sigmoid | linear | none: Alg. 2, Eq. 12). See diffft.methods.costs.
     tau / tau1 / tau2: temperatures (entropy / velocity); gamma: squared-energy weight.
-    time_cost: null (running costs in the TD target, Alg. 1) or sigmoid | linear | none
-        (Alg. 2, Eq. 12); time_cost_c: the linear cost c.
     running_cost_reduction: ``sum`` (paper) | ``mean`` (released code: / D).
     td_update: ``joint`` | ``per_step``. avr_alpha: AVR EMA (1 = s_k fixed).
     avr_init: ``sigma`` (s_k = sigma_k, Alg. 1) | ``beta`` (s_k^2 = the forward beta of the
@@ -117,11 +99,12 @@ class DxMI(FineTuneMethod):
     rollout_batch: trajectories per iteration; sampler_batch: transitions per sampler step (an
         int, or ``all``).
     lr: ``{sampler, sigma, value, energy}``; optimizer: shared optimiser config; lr_schedule:
-        ``constant`` | ``cosine`` (every part, to 0 over the run's batches).
+        ``constant`` | ``cosine`` (every part, to 0 over the run's batches; Lightning schedulers,
+        ``lr_schedule_config``).
     grad_clip: max gradient norm of the sampler (mean and sigma; None = off).
     guidance: value-guidance lambdas reported as extra rows. ema_decay: EMA of the sampler.
     grad_chunk: transitions per backward pass of the TD and sampler updates (None: all at
-        once); gradients accumulate over the chunks (``accumulate``): the same update in about
+        once); gradients accumulate over the chunks (``manual_step``): the same update in about
         one chunk's memory (image rollouts).
     ddpm: the DDPM's hyper-parameters (filled in from ``init_from``).
     """
@@ -130,19 +113,13 @@ class DxMI(FineTuneMethod):
         self,
         event_shape: list[int],
         sampler: dict[str, Any],
-        value: dict[str, Any],
-        energy: dict[str, Any] | None = None,
-        reward: dict[str, Any] | None = None,
-        reward_is: str = "cost",
+        cost: dict[str, Any],
         init_from: str | None = None,
         fresh_sampler: bool = False,
-        time_dependent: bool = True,
         tau: float = 0.1,
         tau1: float | None = None,
         tau2: float | None = None,
         gamma: float = 1.0,
-        time_cost: str | None = None,
-        time_cost_c: float = 0.05,
         running_cost_reduction: str = "sum",
         td_update: str = "joint",
         avr_alpha: float = 0.99,
@@ -162,9 +139,7 @@ class DxMI(FineTuneMethod):
         for key, val, allowed in (
             ("running_cost_reduction", running_cost_reduction, REDUCTIONS),
             ("td_update", td_update, TD_UPDATES),
-            ("lr_schedule", lr_schedule, LR_SCHEDULES),
             ("avr_init", avr_init, AVR_INITS),
-            ("reward_is", reward_is, ("cost", "reward")),
         ):
             if val not in allowed:
                 raise ValueError(f"method.{key}={val!r}; expected one of {allowed}")
@@ -174,6 +149,7 @@ class DxMI(FineTuneMethod):
             )
         if not 0.0 <= avr_alpha <= 1.0:
             raise ValueError(f"method.avr_alpha={avr_alpha}; expected a value in [0, 1]")
+        check_lr_schedule(lr_schedule)
         self.automatic_optimization = False
         self.save_hyperparameters()
         self.tau1 = tau if tau1 is None else tau1
@@ -183,24 +159,7 @@ class DxMI(FineTuneMethod):
             fresh = self.ddpm_from_hparams(self.hparams["ddpm"]).chain.eps_net
             chain.eps_net.load_state_dict(fresh.state_dict())
             self.init_chain.eps_net.load_state_dict(fresh.state_dict())
-        K = chain.steps
-        self.reward_fn = build_reward(reward) if reward is not None else None
-        self.shared_energy = energy is None and reward is None
-        if time_dependent:
-            n_steps = K + 1 if self.shared_energy else K  # index k (shared) or k - 1
-            self.value = instantiate(value, event_shape=event_shape, n_steps=n_steps)
-        elif "TimeMLP" in str(value.get("_target_", "")):
-            raise ValueError(
-                "method.time_dependent=false needs a value network without a time input: set "
-                "method.value._target_=diffft.nets.mlp.MLP (or your own net of x alone)"
-            )
-        else:
-            self.value = instantiate(value, event_shape=event_shape)
-        own_energy = energy is not None and reward is None
-        self.energy = instantiate(energy, event_shape=event_shape) if own_energy else None
-        self.register_buffer(
-            "time_costs", time_cost_table(time_cost, K, time_cost_c), persistent=False
-        )
+        self.cost = build_cost(cost, event_shape, chain.steps)
         # AVR's s_k^2 (index k = 1..K; 0 unused), in the checkpoint.
         if avr_init == "sigma":
             s2 = chain.fixed_sigma.square().clone()
@@ -211,67 +170,42 @@ class DxMI(FineTuneMethod):
         self.register_buffer("avr_s2", s2)
         self.init_ema(ema_decay)
 
-    # -- energy and value ---------------------------------------------------------------------
+    # -- energy and value (the cost module's) --------------------------------------------------
     @property
     def learns_energy(self) -> bool:
-        return self.reward_fn is None
+        return self.cost.energy is not None
 
     def energy_fn(self, x: torch.Tensor) -> torch.Tensor:
-        """The terminal cost ``E(x)`` per point, shape ``[n]`` (low on data)."""
-        if self.reward_fn is not None:
-            r = self.reward_fn(x).reshape(x.shape[0])
-            return r if self.hparams.reward_is == "cost" else -r
-        if self.energy is not None:
-            return self.energy(x).reshape(x.shape[0])
-        if self.hparams.time_dependent:
-            return self.value(x, torch.zeros(x.shape[0], dtype=torch.long, device=x.device)).view(
-                -1
-            )
-        return self.value(x).view(-1)
+        """The terminal cost ``E(x) = V_0(x)`` per point, shape ``[n]`` (low on data)."""
+        return self.cost.terminal(x)
 
     def value_fn(self, x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """``V_k(x)`` per point (k a LongTensor in 0..K), with ``V_0 = E``: shape ``[n]``."""
-        if self.shared_energy and self.hparams.time_dependent:
-            return self.value(x, k).view(-1)  # index 0 is the energy
-        if self.shared_energy:
-            return self.value(x).view(-1)  # E = V
-        last = k == 0
-        if bool(last.all()):
-            return self.energy_fn(x)
-        if not bool(last.any()):
-            return self._value(x, k)
-        i0, i1 = last.nonzero().view(-1), (~last).nonzero().view(-1)
-        vals = torch.cat([self.energy_fn(x[i0]), self._value(x[i1], k[i1])])
-        return vals[torch.argsort(torch.cat([i0, i1]))]
-
-    def _value(self, x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        if self.hparams.time_dependent:
-            return self.value(x, k - 1).view(-1)
-        return self.value(x).view(-1)
+        return self.cost.value(x, k)
 
     # -- optimisers -------------------------------------------------------------------------
     def _parts(self) -> dict[str, list[nn.Parameter]]:
-        parts = {
+        """Parameters by optimiser: the sampler's mean and sigma, then the cost module's value
+        (and energy, when it is a separate network)."""
+        return {
             "sampler": list(self.chain.eps_net.parameters()),
             "sigma": [self.chain.log_sigma],
-            "value": list(self.value.parameters()),
+            **self.cost.parts(),
         }
-        if self.energy is not None:
-            parts["energy"] = list(self.energy.parameters())
-        return parts
 
     def _base_lr(self, part: str) -> float:
         defaults = {"sampler": 1e-3, "sigma": 1e-2, "value": 1e-3, "energy": 1e-3}
         return (self.hparams.lr or {}).get(part, defaults[part])
 
-    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+    def configure_optimizers(self) -> Any:
         """One optimiser per part: sampler mean, sigma, value (and the energy when it is a
-        separate network), in that order."""
+        separate network), in that order, each with its ``lr_schedule``."""
         opt = self.hparams.optimizer or {"_target_": "torch.optim.Adam"}
-        return [
+        opts = [
             instantiate(opt, params=params, lr=self._base_lr(part))
             for part, params in self._parts().items()
         ]
+        return self.lr_schedule_config(opts, self.hparams.lr_schedule)
 
     def _optimizers(self) -> dict[str, Any]:
         return dict(zip(self._parts(), self.optimizers(), strict=True))
@@ -283,53 +217,13 @@ class DxMI(FineTuneMethod):
         td = self.chain.steps if self.hparams.td_update == "per_step" else 1
         return 2 + td + int(self.learns_energy)
 
-    def total_batches(self) -> int:
-        """The run's iterations: ``max_epochs`` x batches per epoch, or fewer when
-        ``trainer.max_steps`` (optimiser steps) stops it first."""
-        trainer = self.trainer
-        totals = []
-        if trainer.max_epochs is not None and trainer.max_epochs > 0:
-            totals.append(trainer.max_epochs * trainer.num_training_batches)
-        if trainer.max_steps != -1:
-            totals.append(-(-trainer.max_steps // self.optimizer_steps_per_batch()))
-        total = min(totals, default=0)
-        if not 0 < total < 10**9:
-            raise ValueError(
-                "method.lr_schedule=cosine decays over the run's iterations: set "
-                "trainer.max_epochs (or trainer.max_steps), or method.lr_schedule=constant"
-            )
-        return int(total)
-
-    def _set_learning_rates(self, opts: dict[str, Any]) -> None:
-        if self.hparams.lr_schedule != "cosine":
-            return
-        total = self.total_batches()
-        factor = 0.5 * (1 + math.cos(math.pi * min(self.batches_done - 1, total) / total))
-        for part, opt in opts.items():
-            for group in opt.optimizer.param_groups:
-                group["lr"] = self._base_lr(part) * factor
-
-    def _step(self, opts: list[Any], loss: torch.Tensor) -> None:
-        for opt in opts:
-            opt.zero_grad()
-        self.manual_backward(loss)
-        for opt in opts:
-            opt.step()
-
-    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        sampler_opts = self.optimizers()[:2]
-        if not any(optimizer is o.optimizer for o in sampler_opts):
-            return
-        if optimizer is sampler_opts[0].optimizer:
-            self.log_grad_norm(optimizer)
-        if self.hparams.grad_clip:
-            self.clip_gradients(optimizer, self.hparams.grad_clip, "norm")
+    def batches_for_steps(self, steps: int) -> int:
+        return -(-steps // self.optimizer_steps_per_batch())
 
     # -- Alg. 1 / 2 ---------------------------------------------------------------------------
     def training_step(self, real: torch.Tensor, batch_idx: int) -> None:
         hp = self.hparams
         opts = self._optimizers()
-        self._set_learning_rates(opts)
         g = self.batch_generator()  # this rank's stream of this batch: rollout, picks, noise
         traj = self.chain.sample(
             hp.rollout_batch, generator=g, return_trajectory=True, return_noise=True
@@ -343,7 +237,7 @@ class DxMI(FineTuneMethod):
         noise = traj.transition_noise()
         logs |= self.value_step(x_k, x_prev, k, sq_step, noise, opts["value"])
         logs |= self.sampler_step(x_k, k, [opts["sampler"], opts["sigma"]], g)
-        self.iteration += 1
+        self.step_lr_schedulers()
         self.update_ema()
         if self.logging_batch():
             logs |= sigma_logs(self.chain.log_sigma_table())
@@ -361,8 +255,7 @@ class DxMI(FineTuneMethod):
     def energy_step(self, real: torch.Tensor, fake: torch.Tensor, opt: Any) -> dict:
         e_real, e_fake = self.energy_fn(real), self.energy_fn(fake)
         loss = energy_loss(e_real, e_fake, self.hparams.gamma)
-        self.check_finite(energy=loss)
-        self._step([opt], loss)
+        self.manual_step([opt], loss, part="energy")
         logs = {"loss/energy": loss.detach(), "energy/data": e_real.detach().mean(),
                 "energy/samples": e_fake.detach().mean()}  # fmt: skip
         if self.logging_batch():
@@ -374,8 +267,8 @@ class DxMI(FineTuneMethod):
     ) -> torch.Tensor:
         """The cost of each transition in the TD target: the running costs (Alg. 1; log pi from
         the rollout's own noise, no second eps-network pass) or the time cost R(k) (Alg. 2)."""
-        if self.time_costs is not None:
-            return self.time_costs[k]
+        if self.cost.time_costs is not None:
+            return self.cost.time_costs[k]
         with torch.no_grad():
             log_prob = self.chain.log_prob_of_noise(noise, k)
         D = math.prod(self.chain.event_shape)
@@ -407,7 +300,8 @@ class DxMI(FineTuneMethod):
                     target = self.value_fn(x_prev[i], k[i] - 1) + cost[i]
                 return td_loss(self.value_fn(x_k[i], k[i]), target)
 
-            loss = self.accumulate([opt], idx.numel(), loss_of, self.hparams.grad_chunk, "value")
+            chunk = self.hparams.grad_chunk
+            loss = self.manual_step([opt], loss_of, n=idx.numel(), chunk=chunk, part="value")
         return {"loss/td": loss}
 
     def sampler_step(
@@ -435,29 +329,55 @@ class DxMI(FineTuneMethod):
             v_sum = v_sum + v_next.detach().sum()
             return (v_next + costs).mean()
 
-        loss = self.accumulate(opts, m, loss_of, hp.grad_chunk, "sampler")
+        loss = self.manual_step(
+            opts,
+            loss_of,
+            n=m,
+            chunk=hp.grad_chunk,
+            part="sampler",
+            clip=hp.grad_clip,
+            log_grad_norm=True,
+        )
         return {"loss/sampler": loss, "value/next": v_sum / m}
+
+    # -- checkpoints from before method.cost ----------------------------------------------------
+    @classmethod
+    def upgrade_hparams(cls, hparams: dict[str, Any]) -> dict[str, Any]:
+        """A checkpoint's hyper-parameters from before ``method.cost`` (``value``, ``energy``,
+        ``reward``, ``time_dependent``, ``time_cost``, ... at the top level) in the new form."""
+        if "cost" in hparams or "value" not in hparams:
+            return hparams
+        old = ("value", "energy", "reward", "reward_is", "time_dependent", "time_cost")
+        new = {k: v for k, v in hparams.items() if k not in (*old, "time_cost_c")}
+        return {**new, "cost": cost_config_of(hparams)}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        # Networks saved before method.cost (``value.*``, ``energy.*``, ``reward_fn.*``) are
+        # the cost module's now.
+        state = checkpoint.get("state_dict", {})
+        for key in list(state):
+            for old, new in LEGACY_PREFIXES.items():
+                if key.startswith(old):
+                    state[new + key[len(old) :]] = state.pop(key)
 
     # -- evaluation ---------------------------------------------------------------------------
     @property
     def method_name(self) -> str:
         return "DxMI" if self.learns_energy else "DxDP"
 
-    def samplers(self) -> dict[str, Any]:
-        K = self.chain.steps
-        out: dict[str, Any] = {f"{self.method_name} T={K}": self.eval_chain}
+    def rows(self) -> list[Row]:
+        """The trained sampler (id ``dxmi``, or ``dxdp``; its learned energy scored by the
+        energy metrics), one value-guided variant per ``guidance`` λ (``guided_λ``), the init."""
+        K, name = self.chain.steps, self.method_name
+        energy = self.energy_fn if self.learns_energy else None
+        out = [Row(name.lower(), f"{name} T={K}", self.eval_chain, energy=energy)]
         for lam in self.hparams.guidance or []:
-            out[f"{self.method_name} T={K} + value guidance λ={lam}"] = ValueGuided(
-                self.eval_chain, self.value_fn, float(lam)
-            )
-        out[f"DDPM T={K} (init)"] = self.init_chain
+            guided = ValueGuided(self.eval_chain, self.value_fn, float(lam))
+            label = f"{name} T={K} + value guidance λ={lam}"
+            out.append(Row(f"guided_{lam}", label, guided, role="variant"))
+        out.append(Row("init", f"DDPM T={K} (init)", self.init_chain, role="init"))
         return out
-
-    def energies(self) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
-        """Rows whose energy the energy metrics (AUC) score: the learned energy of this run."""
-        if not self.learns_energy:
-            return {}
-        return {f"{self.method_name} T={self.chain.steps}": self.energy_fn}
 
     def extra_plots(self, out: Path, data: torch.Tensor, samples: torch.Tensor) -> list[Path]:
         """2-D: the energy with samples on top (Fig. 2) and the value at every step (Fig. 3)."""
@@ -470,10 +390,6 @@ class DxMI(FineTuneMethod):
             energy_map(self.energy_fn, data, samples, out / "energy.png", name, dev),
             value_maps(self.value_fn, K, data, out / "values.png", dev),
         ]
-
-
-def time_cost_table(kind: str | None, steps: int, c: float) -> torch.Tensor | None:
-    return None if kind is None else time_cost(kind, steps, c)
 
 
 class ValueGuided(nn.Module):

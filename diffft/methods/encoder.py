@@ -27,9 +27,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
-from torch import nn
 
 from diffft.methods.base import SamplerMethod
+from diffft.rows import Row
 
 log = logging.getLogger("diffft")
 
@@ -176,5 +176,5 @@ class ContrastiveEncoder(SamplerMethod):
                 step=self.batches_done,
             )
 
-    def samplers(self) -> dict[str, nn.Module]:
-        return {}  # no sampler: the run's table has no rows
+    def rows(self) -> list[Row]:
+        return []  # no sampler: the run's table has no rows

@@ -48,7 +48,8 @@ from typing import Any
 import torch
 from hydra.utils import instantiate
 
-from diffft.diffusion.chain import GaussianChain, Trajectory
+from diffft.diffusion.chain import Trajectory
+from diffft.methods.base import check_lr_schedule
 from diffft.methods.diagnostics import (
     sample_diagnostics,
     sigma_logs,
@@ -61,6 +62,7 @@ from diffft.methods.losses import (
     ipm_critic_loss,
     policy_gradient_loss,
 )
+from diffft.rows import Row
 
 ESTIMATORS = ("policy_gradient", "pathwise")
 
@@ -80,11 +82,12 @@ class SFTPG(FineTuneMethod):
     gp: gradient-penalty coefficient (Eq. 22; 0 = off).
     grad_clip: max gradient norm of the sampler (gamma; None = off).
     lr: ``{generator, critic, baseline}`` learning rates. optimizer: shared optimiser config.
+    lr_schedule: ``constant`` | ``cosine`` (every learning rate to 0 over the run's batches).
     ema_decay: EMA of the fine-tuned sampler (0 = off, as in the paper).
     log_prob_reduction: ``sum`` over the D dimensions (the paper's log-probability) or ``mean``
         (divided by D: what the released image code does, a D-times smaller generator step).
     grad_chunk: transitions per backward pass of a policy-gradient step (None: all at once);
-        gradients accumulate over the chunks (``accumulate``), so the same step takes about one
+        gradients accumulate over the chunks (``manual_step``), so the same step takes about one
         chunk's memory (image rollouts).
     ddpm: the DDPM's hyper-parameters (filled in from ``init_from``; lets a checkpoint of this
         method be loaded without the DDPM file).
@@ -107,6 +110,7 @@ class SFTPG(FineTuneMethod):
         grad_clip: float | None = None,
         lr: dict[str, float] | None = None,
         optimizer: dict[str, Any] | None = None,
+        lr_schedule: str = "constant",
         ema_decay: float = 0.0,
         log_prob_reduction: str = "sum",
         grad_chunk: int | None = None,
@@ -119,6 +123,7 @@ class SFTPG(FineTuneMethod):
             )
         if estimator not in ESTIMATORS:
             raise ValueError(f"method.estimator={estimator!r}; expected one of {ESTIMATORS}")
+        check_lr_schedule(lr_schedule)
         if generator_batch != "all" and not (
             isinstance(generator_batch, int) and generator_batch > 0
         ):
@@ -127,7 +132,6 @@ class SFTPG(FineTuneMethod):
             )
         self.automatic_optimization = False
         self.save_hyperparameters()
-        # chain, init_chain, iteration
         self.build_chain(event_shape, init_from, ddpm, dict(sampler))
         if estimator == "policy_gradient":
             self.chain.require_density("method.estimator=policy_gradient (log-probabilities)")
@@ -136,21 +140,31 @@ class SFTPG(FineTuneMethod):
         self.init_ema(ema_decay)
         self.buffer: list[torch.Tensor] = []
 
-    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+    def configure_optimizers(self) -> Any:
         """The sampler's optimiser, and one for the critic and the baseline together (two
         parameter groups with their own learning rates: per-parameter Adam/RMSprop state makes
         this the same as two optimisers; one step after their shared backward also lets a
-        16-mixed GradScaler unscale both with the scale the loss was multiplied by)."""
+        16-mixed GradScaler unscale both with the scale the loss was multiplied by); each with
+        its ``lr_schedule``."""
         lr = self.hparams.lr or {}
         opt = self.hparams.optimizer or {"_target_": "torch.optim.Adam"}
         groups = [
             {"params": list(self.critic.parameters()), "lr": lr.get("critic", 1e-3)},
             {"params": list(self.baseline.parameters()), "lr": lr.get("baseline", 1e-3)},
         ]
-        return [
+        opts = [
             instantiate(opt, params=self.chain.parameters(), lr=lr.get("generator", 5e-5)),
             instantiate(opt, _partial_=True)(groups),  # (instantiate would wrap the dicts)
         ]
+        return self.lr_schedule_config(opts, self.hparams.lr_schedule)
+
+    def batches_for_steps(self, steps: int) -> int:
+        """One critic step per batch, and ``n_generator`` generator steps every ``n_critic``."""
+        hp, batches, done = self.hparams, 0, 0
+        while done < steps:
+            batches += 1
+            done += 1 + (hp.n_generator if batches % hp.n_critic == 0 else 0)
+        return batches
 
     # -- Alg. 1 -------------------------------------------------------------------------------
     def training_step(self, real: torch.Tensor, batch_idx: int) -> None:
@@ -161,8 +175,7 @@ class SFTPG(FineTuneMethod):
         logs = self.critic_step(real, traj, opt_fb, g)
         if hp.estimator == "policy_gradient":
             self.buffer.append(traj.states)
-        self.iteration += 1
-        if self.iteration % hp.n_critic == 0:
+        if self.batches_done % hp.n_critic == 0:
             if hp.estimator == "pathwise":
                 for _ in range(hp.n_generator):
                     logs["loss/generator"] = self.pathwise_step(opt_g, g)
@@ -170,6 +183,7 @@ class SFTPG(FineTuneMethod):
                 logs["loss/generator"] = self.policy_gradient_steps(opt_g, g)
                 self.buffer.clear()
             self.update_ema()
+        self.step_lr_schedulers()
         if self.logging_batch():
             if self.chain.log_sigma is not None:
                 logs |= sigma_logs(self.chain.log_sigma_table())
@@ -205,9 +219,7 @@ class SFTPG(FineTuneMethod):
         if "loss/baseline" in logs:
             parts["baseline"] = logs["loss/baseline"]
         self.check_finite(**parts)
-        opt_fb.zero_grad()
-        self.manual_backward(loss)
-        opt_fb.step()  # the critic's and the baseline's parameter groups
+        self.manual_step([opt_fb], loss)  # the critic's and the baseline's parameter groups
         return logs
 
     def policy_gradient_steps(self, opt_g: Any, g: torch.Generator) -> torch.Tensor:
@@ -243,30 +255,29 @@ class SFTPG(FineTuneMethod):
                     loss_of, idx.numel(), self.chain.parameters(), hp.grad_chunk
                 )
                 self.log("diag/pg_grad_cosine", cosine)
-            loss = self.accumulate([opt_g], idx.numel(), loss_of, hp.grad_chunk, "sampler")
+            loss = self.manual_step(
+                [opt_g],
+                loss_of,
+                n=idx.numel(),
+                chunk=hp.grad_chunk,
+                part="sampler",
+                clip=hp.grad_clip,
+                log_grad_norm=True,
+            )
         return loss
 
     def pathwise_step(self, opt_g: Any, g: torch.Generator) -> torch.Tensor:
-        """One reparameterised step (Eq. 14): back-propagate f(x_0) through every transition."""
-        x_0 = self.chain.sample(self.hparams.rollout_batch, generator=g, grad=True)
-        loss = self.critic(x_0).mean()
-        self.generator_update(opt_g, loss)
-        return loss.detach()
+        """One reparameterised step (Eq. 14): back-propagate f(x_0) through every transition
+        (built inside the step, so no gradient of the critic is computed)."""
+        hp = self.hparams
 
-    def generator_update(self, opt_g: Any, loss: torch.Tensor) -> None:
-        self.check_finite(sampler=loss)
-        opt_g.zero_grad()
-        self.manual_backward(loss)  # scaled by the precision plugin under 16-mixed
-        opt_g.step()  # unscales (16-mixed), then on_before_optimizer_step clips, then steps
+        def loss_of(_: slice) -> torch.Tensor:
+            x_0 = self.chain.sample(hp.rollout_batch, generator=g, grad=True)
+            return self.critic(x_0).mean()
 
-    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        # Lightning calls this after unscaling the gradients (16-mixed's GradScaler), so gamma
-        # clips the true gradient norm under every precision.
-        if optimizer is not self.optimizers()[0].optimizer:
-            return
-        self.log_grad_norm(optimizer)
-        if self.hparams.grad_clip:
-            self.clip_gradients(optimizer, self.hparams.grad_clip, "norm")
+        return self.manual_step(
+            [opt_g], loss_of, part="sampler", clip=hp.grad_clip, log_grad_norm=True
+        )
 
     # -- checkpoint & evaluation ------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -278,12 +289,17 @@ class SFTPG(FineTuneMethod):
         self.buffer = list(checkpoint.get("sft_pg_buffer", []))
 
     def on_train_start(self) -> None:
+        super().on_train_start()
         # A restored buffer was loaded on the CPU, before the module moved to its device.
         self.buffer = [s.to(self.device) for s in self.buffer]
 
-    def samplers(self) -> dict[str, GaussianChain]:
+    def rows(self) -> list[Row]:
         steps = self.chain.steps
-        name = "SFT-PG" if self.hparams.estimator == "policy_gradient" else "SFT (pathwise)"
+        pg = self.hparams.estimator == "policy_gradient"
+        name, row_id = ("SFT-PG", "sft_pg") if pg else ("SFT (pathwise)", "sft_pathwise")
         if self.chain.log_sigma is not None:  # not the paper's method: labelled as such
-            name += " (learned sigma_k)"
-        return {f"{name} T'={steps}": self.eval_chain, f"DDPM T'={steps} (init)": self.init_chain}
+            name, row_id = name + " (learned sigma_k)", row_id + "_learned_sigma"
+        return [
+            Row(row_id, f"{name} T'={steps}", self.eval_chain),
+            Row("init", f"DDPM T'={steps} (init)", self.init_chain, role="init"),
+        ]

@@ -33,39 +33,26 @@ from typing import Any
 
 from hydra import compose
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from diffft.locks import file_lock
+from diffft.report.summary import main_values
 
 log = logging.getLogger("diffft")
 
-# Keys that do not change what a stage produces (left out of its cache key).
-_NOT_IN_CACHE_KEY = (
-    "paths",
-    "logger",
-    "callbacks",
-    "task_name",
-    "eval",
-    "ckpt_path",
-    "hydra",
-    "progress_refresh_rate",
-    "encoder_stage",  # which encoder a contrastive run would train: not this stage's concern
-    "requires",  # checks before a run, not what it trains
-)
-_NOT_IN_CACHE_KEY_TRAINER = (
-    "enable_progress_bar", "devices", "num_nodes", "strategy", "use_distributed_sampler",
+# What defines a stage (its cache key), an include list: a key not named here never changes reuse.
+# Trainer keys that change what is trained (not the device count, strategy, logging or progress).
+_TRAINER_KEYS_IN_KEY = (
+    "max_steps", "max_epochs", "limit_train_batches", "precision", "accumulate_grad_batches",
+    "gradient_clip_val", "gradient_clip_algorithm", "accelerator", "deterministic",
 )  # fmt: skip
 # Carried from the run into every stage (unless the stage's overrides set them).
 _CARRIED_NODES = ("dataset", "backbone")
 # Precision stays the stage's own (fp32 by default): a cached pretraining is then shared by runs
 # of any precision, and a "-true" half precision would round the DDPM's float64 schedule.
 _CARRIED_TRAINER_KEYS = ("accelerator",)
-# Dataset keys that do not change the training data: where a file lies (its content hash is in
-# the identity; root: an image dataset's folder), the test split's size, the metrics (evaluation
-# only) and loader workers.
-_NOT_TRAINING_DATA = ("path", "root", "n_test", "metrics", "num_workers")
 _STAGE_OWN_DATA_KEYS = ("batch_size",)
 # The evaluation settings a stage's summary row must share with the run to be reused.
 EVAL_KEYS = ("n", "draws", "seed", "w2_points", "features", "inception_weights", "metrics")
@@ -82,6 +69,17 @@ def same_data(a: dict[str, Any] | None, b: dict[str, Any] | None) -> bool:
     return a is not None and b is not None and strip(a) == strip(b)
 
 
+def check_init_data(method: Any, datamodule: Any) -> None:
+    """Warn (one line) when the model a method starts from was trained on other data."""
+    init = getattr(method, "init_data", None)
+    if init is not None and not same_data(init, datamodule.identity()):
+        log.warning(
+            "method.init_from: its DDPM was trained on %s, but this run's data are %s",
+            describe_data(init),
+            describe_data(datamodule.identity()),
+        )
+
+
 def describe_data(identity: dict[str, Any]) -> str:
     """One line naming the data: the generator and its settings, or the file and its hash."""
     rest = ", ".join(f"{k}={v}" for k, v in identity.items() if k not in ("name", "path"))
@@ -90,18 +88,43 @@ def describe_data(identity: dict[str, Any]) -> str:
 
 
 def stage_key(cfg: DictConfig) -> str:
-    """A short hash of a stage's resolved config (without output/logging/device-count keys)
-    and of its data's identity."""
+    """A short hash of what defines a stage: its data (the datamodule's ``identity()`` without
+    where the file lies and the test split's size, and its ``training_settings()``: batch size,
+    augmentation), the method (schedule, network, optimiser: the whole resolved ``method``
+    node), the backbone, the trainer keys that change training (``_TRAINER_KEYS_IN_KEY``), the
+    seed, and the stages the stage's own method needs (its ``pretrain`` ... node). Nothing
+    else: output, logging, evaluation, device count and any key added later leave it alone."""
     c = OmegaConf.to_container(cfg, resolve=True)
-    for k in _NOT_IN_CACHE_KEY:
-        c.pop(k, None)
-    for k in _NOT_IN_CACHE_KEY_TRAINER:
-        c.get("trainer", {}).pop(k, None)
-    ident = data_identity(cfg.dataset)
-    c["data_identity"] = {k: v for k, v in ident.items() if k not in _NOT_TRAINING_DATA}
-    for k in _NOT_TRAINING_DATA:
-        c["dataset"].pop(k, None)
-    return hashlib.sha1(json.dumps(c, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    dm = instantiate(cfg.dataset)
+    ident = {k: v for k, v in dm.identity().items() if k not in ("path", "n_test")}
+    method_cls = get_class(c["method"]["_target_"])
+    trainer = c.get("trainer") or {}
+    key = {
+        "data": {**ident, **dm.training_settings()},
+        "method": c["method"],
+        "backbone": c.get("backbone"),
+        "trainer": {k: trainer.get(k) for k in _TRAINER_KEYS_IN_KEY},
+        "seed": c.get("seed"),
+        "stages": {node: c.get(node) for node in method_cls.stages(c["method"]).values()},
+    }
+    return hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def provide(run: DictConfig, runner: Callable[[DictConfig], Any]) -> dict[str, str]:
+    """The checkpoints of the stages the run's method declares (``SamplerMethod.stages``), as
+    constructor arguments: each trained by ``runner`` (or reused) from the ``overrides`` of its
+    config node (``pretrain``, ``encoder_stage``, ...)."""
+    method_cfg = OmegaConf.to_container(run.method, resolve=True)
+    out = {}
+    for arg, node in get_class(run.method._target_).stages(method_cfg).items():
+        spec = run.get(node)
+        if not spec or not spec.get("overrides"):
+            raise ValueError(
+                f"method.{arg} is empty and no {node} stage is configured; set "
+                f"method.{arg}=PATH/last.ckpt or {node}.overrides=[experiment=...]"
+            )
+        out[arg] = cached_stage(run, list(spec.overrides), runner)
+    return out
 
 
 def _explicit_keys(overrides: list[str]) -> set[str]:
@@ -284,5 +307,4 @@ def stage_row(
         return None
     if not same_data(theirs, ours):
         return None
-    rows = json.loads(summary.read_text())
-    return next((v for k, v in rows.items() if k != "data floor"), None)
+    return main_values(stage_dir)
