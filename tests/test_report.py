@@ -187,3 +187,12 @@ def test_line_progress_logs_a_line_per_epoch_not_a_bar(make_cfg, caplog):
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("batch ")]
     assert lines and lines[-1].startswith("batch 158/158 (epoch 2)"), lines
     assert len(lines) <= 2
+
+
+def test_sample_and_score_leave_no_log_file_in_the_working_directory(tmp_path):
+    for cli in ("sample", "score"):
+        cmd = [sys.executable, "-m", f"diffft.{cli}", f"ckpt={tmp_path}/missing.ckpt"]
+        cmd += [f"out={tmp_path}/out.npy"] + ([f"in={tmp_path}/p.npy"] if cli == "score" else [])
+        done = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=120)
+        assert done.returncode != 0 and "no such file" in done.stderr
+        assert not list(tmp_path.glob("*.log")), f"diffft.{cli} left {list(tmp_path.glob('*.log'))}"
