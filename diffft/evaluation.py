@@ -9,12 +9,18 @@ values are skewed (swiss roll, sw, 100 draws: 0.0035 to 0.0123, mean 0.0068, sd 
 ``experiments/floor_draws.py``), and a few draws give an unreliable mean and a far too small sd
 (the first 3 draws: 0.0051 ± 0.0004), which is what "reaches the floor" (mean <= floor mean +
 one floor sd) is judged against.
+
+Units: a model may train on normalised data (``dataset.normalize``, ``diffft.data.base``), but
+every number is in the data's own units: samples are converted to data units before any metric,
+the references and the floors are data-unit splits (so a floor does not depend on the
+normalisation), and an energy (which takes model units) is wrapped to take data-unit points.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,6 +36,9 @@ from diffft.metrics.fid import EXTRACTOR_VERSION, image_metric
 from diffft.metrics.ot import exact_w2, mean_sd, sliced_w2
 
 Energy = Callable[[torch.Tensor], torch.Tensor]
+
+log = logging.getLogger("diffft")
+_warned_boxes: set[str] = set()  # (data, box) pairs whose misfit this process has logged
 
 
 @dataclass(frozen=True)
@@ -119,8 +128,9 @@ class Evaluator:
         floor_draws: draws of the floor (None = ``draws``); its cost is one metric call each.
         cache_dir: where floors are cached (None = no cache).
         batch_size: samples drawn per sampler call (None = all ``n`` at once).
-        auc_box: ``[lo, hi]`` of the uniform noise of the ``auc`` metric in every dimension
-            (None = the bounding box of the training split).
+        auc_box: ``[lo, hi]`` of the uniform noise of the ``auc`` metric in every dimension,
+            in data units (None = the bounding box of the training split in data units, so it
+            follows the data; a box that does not fit the data is used with a warning).
         features: the feature network of the image metrics: ``offline`` (a classifier trained
             on the training split, cached) or ``inception`` (from ``inception_weights``, a local
             file); see ``diffft.metrics.fid``.
@@ -170,14 +180,41 @@ class Evaluator:
             if len(self.box) != 2 or not self.box[0] < self.box[1]:
                 raise ValueError(f"eval.auc_box={list(self.box)}; expected [lo, hi] with lo < hi")
             dim = self.dm.train[0].numel()
-            return torch.full((dim,), float(self.box[0])), torch.full((dim,), float(self.box[1]))
-        flat = self.dm.train.flatten(1)
+            lo, hi = torch.full((dim,), float(self.box[0])), torch.full((dim,), float(self.box[1]))
+            self._check_box(lo, hi)
+            return lo, hi
+        flat = self.dm.split("train").flatten(1)
         return flat.min(0).values.float(), flat.max(0).values.float()
 
+    def _check_box(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
+        """Warn once when a fixed box does not fit the data: it misses over 1% of the training
+        points, or is over 10x wider than their bounding box in some dimension. A recipe's box
+        is its own data's domain (8 gaussians: [-4, 4]); on other data the uniform noise then
+        lies inside the data (AUC near 0.5 whatever the energy) or far around it (near 1)."""
+        data = self.dm.split("train").flatten(1).float()
+        inside = ((data >= lo) & (data <= hi)).all(1).float().mean().item()
+        extent = (data.max(0).values - data.min(0).values).clamp_min(1e-12)
+        wide = ((hi - lo) / extent).max().item()
+        key = repr((sorted(self.dm.identity().items()), self.box))
+        if (inside < 0.99 or wide > 10) and key not in _warned_boxes:
+            _warned_boxes.add(key)
+            log.warning(
+                "eval.auc_box=%s does not fit these data (it holds %.1f%% of the training points "
+                "and is up to %.3g x wider than their bounding box [%s, %s]): the auc values "
+                "measure the box, not the energy. Set eval.auc_box=null (the training split's "
+                "bounding box, in the data's units)",
+                list(self.box),
+                100 * inside,
+                wide,
+                [round(v, 4) for v in data.min(0).values.tolist()],
+                [round(v, 4) for v in data.max(0).values.tolist()],
+            )
+
     def _score(self, name: str, x: torch.Tensor | Energy, draw: int, device: Any = "cpu") -> float:
-        """``x``: samples, or for an energy metric the energy (evaluated on ``device``)."""
+        """``x``: samples in data units, or for an energy metric an energy of data-unit points
+        (evaluated on ``device``)."""
         metric = METRICS[name]
-        ref = self.dm.train if metric.reference == "train" else self.dm.test
+        ref = self.dm.split(metric.reference)
         if metric.scores == "energy":
             return metric.scale * metric.fn(x, ref[: self.n], draw, self, device)
         if metric.scores == "images":
@@ -190,8 +227,8 @@ class Evaluator:
         return metric.scale * metric.fn(x[:m].detach().cpu().flatten(1), ref.flatten(1), draw)
 
     def score(self, x: torch.Tensor, draw: int = 0) -> dict[str, float]:
-        """Every metric of the samples ``x`` [n, *event_shape] against its reference split
-        (draw ``draw``'s projections / W2 subset)."""
+        """Every metric of the samples ``x`` [n, *event_shape] in data units against its
+        reference split (draw ``draw``'s projections / W2 subset)."""
         return {name: self._score(name, x, draw) for name in self.metrics}
 
     @torch.no_grad()
@@ -199,8 +236,12 @@ class Evaluator:
         self, sampler: Sampler, draws: int | None = None, energy: Energy | None = None
     ) -> dict[str, list[float]]:
         """Metric values per draw for samples of ``sampler`` (drawn in eval mode); energy
-        metrics score ``energy`` (none without one: their lists stay empty)."""
+        metrics score ``energy`` (none without one: their lists stay empty). Both work in model
+        units; the samples are converted to data units, and the energy gets its points
+        converted to model units."""
         out: dict[str, list[float]] = {m: [] for m in self.metrics}
+        if energy is not None and self.dm.norm is not None:
+            energy = _in_model_units(energy, self.dm.to_model)
         module = sampler if isinstance(sampler, torch.nn.Module) else None
         training = module.training if module is not None else False
         if module is not None:
@@ -208,7 +249,7 @@ class Evaluator:
         try:
             for d in range(draws or self.draws):
                 g = torch.Generator(device=sampler.device).manual_seed(self.seed + d)
-                x = sampler.sample(self.n, generator=g, batch_size=self.batch_size)
+                x = self.dm.to_data(sampler.sample(self.n, generator=g, batch_size=self.batch_size))
                 for name in self.metrics:
                     if METRICS[name].scores == "energy":
                         if energy is not None:
@@ -252,7 +293,9 @@ class Evaluator:
         ]
 
     def _cache_key(self, name: str) -> str:
-        data = {k: v for k, v in self.dm.identity().items() if k != "path"}  # a moved file too
+        # A moved file is the same data; a floor is in data units, so the normalisation is not
+        # part of it either.
+        data = {k: v for k, v in self.dm.identity().items() if k not in ("path", "normalize")}
         ident = [sorted(data.items()), name, self._points(name), self.floor_draws]
         if METRICS[name].scores == "energy":  # the KDE's sample size and draws too
             ident += [[t.tolist() for t in self.auc_box()], "kde", AUC_FLOOR_POINTS]
@@ -260,6 +303,11 @@ class Evaluator:
         if METRICS[name].scores == "images":  # the feature network
             ident += [self.features, self.inception_weights, EXTRACTOR_VERSION]
         return f"{self.dm.name}-{name}-" + hashlib.sha1(repr(ident).encode()).hexdigest()[:12]
+
+
+def _in_model_units(energy: Energy, to_model: Callable[[torch.Tensor], torch.Tensor]) -> Energy:
+    """``energy`` (of model-unit points) as an energy of data-unit points."""
+    return lambda x: energy(to_model(x))
 
 
 def format_table(

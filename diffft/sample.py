@@ -6,17 +6,23 @@ existing folder) writes image samples as PNG files ``DIR/000000.png`` ... instea
 Default: the checkpoint's own chain (a fine-tuned T'-step chain, or a DDPM's full chain).
 ``steps`` sub-samples a DDPM's chain (``subsample`` kind); ``solver`` runs a training-free
 diffusers solver for ``steps`` steps on a DDPM's eps-network instead.
+
+Points are written in the data's own units: a model trained with ``dataset.normalize=standard``
+samples in normalised units, and the normalisation its checkpoint carries (``diffft_data``, the
+data identity) converts them back, so the checkpoint alone is enough.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import hydra
 import numpy as np
 import torch
 from omegaconf import DictConfig
 
+from diffft.data.base import Normalization
 from diffft.diffusion.sampler import SOLVERS, Sampler
 from diffft.methods.base import load_method
 from diffft.methods.ddpm import DDPM
@@ -26,9 +32,19 @@ def checkpoint_sampler(
     ckpt: str, steps: int | None = None, subsample: str = "uniform", solver: str | None = None
 ) -> Sampler:
     """The ``Sampler`` that ``steps`` / ``subsample`` / ``solver`` name for a checkpoint."""
+    return method_sampler(_load(ckpt), steps, subsample, solver)
+
+
+def _load(ckpt: str) -> Any:
     if not Path(ckpt).is_file():
         raise FileNotFoundError(f"ckpt: no such file '{ckpt}'")
-    method = load_method(ckpt).eval()
+    return load_method(ckpt).eval()
+
+
+def method_sampler(
+    method: Any, steps: int | None = None, subsample: str = "uniform", solver: str | None = None
+) -> Sampler:
+    """The ``Sampler`` that ``steps`` / ``subsample`` / ``solver`` name for a loaded method."""
     by_nfe = {r.nfe: r for r in method.rows() if r.nfe is not None and r.role != "init"}
     if by_nfe and solver is None:  # e.g. a distilled student per number of steps
         if steps is None:
@@ -63,15 +79,19 @@ def sample_checkpoint(
     solver: str | None = None,
     batch_size: int | None = None,
 ) -> np.ndarray:
-    """``n`` samples of the checkpoint's sampler as float32 ``[n, *event_shape]`` (images
-    ``[n, C, H, W]`` clipped to [-1, 1])."""
+    """``n`` samples of the checkpoint's sampler as float32 ``[n, *event_shape]`` in the data's
+    units (images ``[n, C, H, W]`` clipped to [-1, 1])."""
     # Checked first: n=0 would load the model only to write an empty array without a word.
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"n={n}: expected an int >= 1 (the number of samples to write)")
-    sampler = checkpoint_sampler(ckpt, steps, subsample, solver)
+    method = _load(ckpt)
+    sampler = method_sampler(method, steps, subsample, solver)
     g = torch.Generator(sampler.device).manual_seed(seed)
     with torch.no_grad():
         x = sampler.sample(n, generator=g, batch_size=batch_size)
+    norm = Normalization.from_identity(method.data_identity)
+    if norm is not None:  # model units -> the data's own
+        x = norm.to_data(x.double())
     if x.dim() == 4:  # images: clipped to the data's [-1, 1] (Inception FID clamps the same way)
         x = x.clamp(-1.0, 1.0)
     return x.cpu().numpy().astype(np.float32)

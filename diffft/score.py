@@ -2,7 +2,9 @@
 under a trained energy-based method (DxMI), written as a float32 ``.npy`` array ``[n]``.
 
 ``in`` is a ``.npy`` or ``.csv`` array ``[n, D]`` (as ``dataset=points_file`` reads it) with the
-checkpoint's data dimension D. Low energy = likely under the model (data-like).
+checkpoint's data dimension D, in the data's own units (a model trained with
+``dataset.normalize=standard`` gets them normalised by the statistics its checkpoint carries).
+Low energy = likely under the model (data-like).
 """
 
 from __future__ import annotations
@@ -14,12 +16,14 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
+from diffft.data.base import Normalization
 from diffft.data.toy import DataError, load_points_file
 from diffft.methods.base import load_method
 
 
 def score_points(ckpt: str, points: np.ndarray, batch_size: int = 10_000) -> np.ndarray:
-    """The energy ``[n]`` of ``points`` ``[n, D]`` under the checkpoint's learned energy."""
+    """The energy ``[n]`` of ``points`` ``[n, D]`` (data units) under the checkpoint's learned
+    energy."""
     if not Path(ckpt).is_file():
         raise FileNotFoundError(f"ckpt: no such file '{ckpt}'")
     method = load_method(ckpt).eval()
@@ -34,7 +38,11 @@ def score_points(ckpt: str, points: np.ndarray, batch_size: int = 10_000) -> np.
         raise ValueError(
             f"in: points of shape {tuple(points.shape)}, but the model's data are {shape}"
         )
-    x = torch.as_tensor(points, dtype=torch.float32)
+    x = torch.as_tensor(points, dtype=torch.float64)
+    norm = Normalization.from_identity(method.data_identity)
+    if norm is not None:  # the data's units -> the model's
+        x = norm.to_model(x)
+    x = x.float()
     with torch.no_grad():
         out = [energy(x[i : i + batch_size]) for i in range(0, x.shape[0], batch_size)]
     return torch.cat(out).cpu().numpy().astype(np.float32)

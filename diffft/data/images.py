@@ -25,7 +25,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from diffft.data.base import DataError, InMemoryBatches, InMemoryDataModule, PositionedLoader
+from diffft.data.base import (
+    DataError,
+    InMemoryBatches,
+    InMemoryDataModule,
+    PositionedLoader,
+    check_image_normalize,
+)
 from diffft.plots import image_grids
 from diffft.seeding import batch_seed
 
@@ -91,6 +97,7 @@ class ImageDataModule(InMemoryDataModule):
         hflip: random horizontal flips of training batches.
         metrics: evaluation metrics that suit this data (``diffft.evaluation``).
         event_shape: ``[C, H, W]`` (filled in by ``diffft.train``; checked when given).
+        normalize: ``none`` only (images are already in [-1, 1]).
     """
 
     def __init__(
@@ -103,8 +110,10 @@ class ImageDataModule(InMemoryDataModule):
         metrics: Sequence[str] = ("fid", "kid"),
         event_shape: Sequence[int] | None = None,
         image_size: int | None = None,
+        normalize: str = "none",
     ) -> None:
-        super().__init__(batch_size, seed, metrics, event_shape)
+        super().__init__(batch_size, seed, metrics, event_shape, normalize)
+        check_image_normalize(normalize)
         if name not in IMAGE_SETS:
             raise DataError(f"dataset.name: unknown image dataset {name!r}; expected {IMAGE_SETS}")
         native = NATIVE_SIZE[name]

@@ -1,7 +1,9 @@
 """Toy 2-D datasets held in memory as one tensor; batches are index slices.
 
 Generators follow the papers' setups: swiss roll as in the SFT-PG toy code, 8 gaussians and
-checkerboard as in FFJORD (the DxMI 2-D setup). ``points_file`` loads a user's ``.npy``/``.csv``.
+checkerboard as in FFJORD (the DxMI 2-D setup). ``points_file`` loads a user's ``.npy``/``.csv``,
+which may come at any scale: ``normalize: standard`` (its default in ``conf/dataset``) trains on
+normalised points and reports in the file's own units (``diffft.data.base``, "Units").
 """
 
 from __future__ import annotations
@@ -97,6 +99,9 @@ class ToyDataModule(InMemoryDataModule):
         path: the points file (``name=points_file``).
         metrics: names of the evaluation metrics that suit this data (``diffft.evaluation``).
         event_shape: ``[dim]`` (filled in by ``diffft.train``; checked when given).
+        normalize: ``standard``: train on the points minus the training split's mean, divided
+            by its scale (the recipes then fit data of any scale); ``none``: as they are (the
+            shipped sets, whose paper tables are reproduced in the papers' units).
     """
 
     def __init__(
@@ -111,8 +116,9 @@ class ToyDataModule(InMemoryDataModule):
         test_fraction: float = 0.2,
         metrics: Sequence[str] = ("sw", "w2"),
         event_shape: Sequence[int] | None = None,
+        normalize: str = "none",
     ) -> None:
-        super().__init__(batch_size, seed, metrics, event_shape)
+        super().__init__(batch_size, seed, metrics, event_shape, normalize)
         if name != "points_file" and name not in GENERATORS:
             raise DataError(
                 f"dataset.name: unknown dataset {name!r}; expected one of "
@@ -126,8 +132,11 @@ class ToyDataModule(InMemoryDataModule):
 
     def identity(self) -> dict[str, Any]:
         """What makes two runs' data the same: the generator and its sizes and seed, or the
-        points file's absolute path and content hash with the split settings. Keys the stage
-        cache and the check that a reused model or summary row was trained on this data."""
+        points file's absolute path and content hash with the split settings, and with
+        ``normalize: standard`` the normalisation (``{"shift": [...], "scale": s}``: a
+        checkpoint carries it, and a normalised model is another stage than an un-normalised
+        one). Keys the stage cache and the check that a reused model or summary row was trained
+        on this data."""
         if self._identity is None:
             if self.name == "points_file":
                 path = Path(self.path).resolve()
@@ -137,7 +146,8 @@ class ToyDataModule(InMemoryDataModule):
                 ident = {"path": str(path), "sha1": digest, "test_fraction": self.test_fraction}
             else:
                 ident = {"n_train": self.n_train, "n_test": self.n_test}
-            self._identity = {"name": self.name, **ident, "seed": self.seed}
+            ident = {"name": self.name, **ident, "seed": self.seed}
+            self._identity = {**ident, **self.normalization_identity()}
         return self._identity
 
     def setup(self, stage: str | None = None) -> None:
@@ -160,17 +170,23 @@ class ToyDataModule(InMemoryDataModule):
                 f"dataset.dim={self.dim} but {source} has {train.shape[1]} columns; "
                 f"set dataset.dim={train.shape[1]} (or dataset.dim=null to take the file's)"
             )
-        self.train = torch.as_tensor(train, dtype=torch.float32)
-        self.test = torch.as_tensor(test, dtype=torch.float32)
-        self.check_event_shape(f"'{self.path}'" if self.path else self.name)
+        source = f"'{self.path}'" if self.path else self.name
+        as_tensor = lambda a: torch.as_tensor(a, dtype=torch.float32)  # noqa: E731
+        self.set_splits(as_tensor(train), as_tensor(test), f"dataset {source}")
+        self.check_event_shape(source)
 
     def plot(self, samples: dict[str, torch.Tensor], path: str | Path) -> Path:
         """A scatter of each row's samples over the training data (dims 0 and 1); 1-D data (a
-        one-column points file) have no dim 1: histograms instead."""
+        one-column points file) have no dim 1: histograms instead.
+
+        ``samples`` are model units, as every sampler draws them (the callers pass a
+        sampler's output as it is); the picture is in data units, the axes a user knows."""
         self.setup()
-        if self.train.shape[1] == 1:
-            return histogram_samples(samples, self.train, path)
-        return scatter_samples(samples, self.train, path)
+        samples = {k: self.to_data(v.detach().cpu()) for k, v in samples.items()}
+        data = self.split("train")
+        if data.shape[1] == 1:
+            return histogram_samples(samples, data, path)
+        return scatter_samples(samples, data, path)
 
     def fresh(self, n: int, seed: int, reference: str = "train") -> torch.Tensor:
         """``n`` real points independent of the ``reference`` split, for metric floors.

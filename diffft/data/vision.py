@@ -31,7 +31,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from diffft.data.base import DataError, InMemoryBatches, InMemoryDataModule, batches_per_epoch
+from diffft.data.base import (
+    DataError,
+    InMemoryBatches,
+    InMemoryDataModule,
+    batches_per_epoch,
+    check_image_normalize,
+)
 from diffft.plots import image_grids
 
 VISION_SETS = ("mnist", "cifar10", "celeba", "image_folder")
@@ -123,6 +129,7 @@ class VisionDataModule(InMemoryDataModule):
         num_workers: the training loader's worker processes.
         reference_n: images per split kept in memory as the evaluation reference.
         test_fraction: image_folder's held-out share (seeded split).
+        normalize: ``none`` only (images are already in [-1, 1]).
     """
 
     def __init__(
@@ -139,8 +146,10 @@ class VisionDataModule(InMemoryDataModule):
         test_fraction: float = 0.1,
         metrics: Sequence[str] = ("fid", "kid"),
         event_shape: Sequence[int] | None = None,
+        normalize: str = "none",
     ) -> None:
-        super().__init__(batch_size, seed, metrics, event_shape)
+        super().__init__(batch_size, seed, metrics, event_shape, normalize)
+        check_image_normalize(normalize)
         if name not in VISION_SETS:
             raise DataError(f"dataset.name: unknown image dataset {name!r}; expected {VISION_SETS}")
         if name == "image_folder" and channels not in (1, 3):
