@@ -84,7 +84,7 @@ def test_consistency_function_is_the_identity_at_t_min_and_one_step_sampling_is_
     noise = torch.randn(6, 2, generator=torch.Generator().manual_seed(7))
     sample = one.sample(6, generator=torch.Generator().manual_seed(7))
     torch.testing.assert_close(sample, one.f(noise, grid.steps), rtol=0, atol=0)
-    assert method.sampler(4).states == [33, 25, 17, 9]  # grid points (N - 1 = 32 intervals)
+    assert method.sampler(4).states == [17, 13, 9, 5]  # grid points (N - 1 = 16 intervals)
 
 
 def test_a_student_chain_per_round_and_bad_settings_name_the_key():

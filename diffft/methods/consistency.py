@@ -4,11 +4,11 @@ A consistency function ``f_theta(x, t)`` maps any point of the teacher's probabi
 trajectory to the trajectory's end, so one evaluation samples. It is distilled from a pretrained
 DDPM (the teacher; the student starts as a copy of its eps-net):
 
-    L = E_{n, x, z} d( f_theta(x_{t_{n+1}}, t_{n+1}), f_theta-(x^_{t_n}, t_n) )       (Eq. 7)
+    L = E_{n, x, z} d( f_theta(x_{t_{n+1}}, t_{n+1}), f_theta-(x^_{t_n}, t_n) )   (L_CD, Sec. 4)
 
 with ``x_{t_{n+1}}`` from the DDPM's forward process, ``x^_{t_n}`` ONE deterministic DDIM step
-(eta = 0, the teacher's ODE solver of Eq. 6) from ``t_{n+1}`` to ``t_n``, and ``theta-`` the
-target network, ``theta- <- mu theta- + (1 - mu) theta`` after each step (Eq. 8), lambda = 1.
+(eta = 0: the teacher's ODE solver Phi of Sec. 4) from ``t_{n+1}`` to ``t_n``, and ``theta-`` the
+target network, ``theta- <- mu theta- + (1 - mu) theta`` after each step (Alg. 2), lambda = 1.
 ``d``: squared L2 (``distance: l2``, points) or pseudo-Huber ``sqrt(|x - y|^2 + c^2) - c`` with
 ``c = 0.00054 sqrt(dim)`` (``distance: pseudo_huber``, images; Song & Dhariwal 2023).
 
@@ -17,8 +17,9 @@ Choices for a VP (DDPM) teacher:
 * **Grid**: the N discretisation points are N ``uniform`` sub-sampled network times of the
   DDPM's schedule, ``t_1 = 0`` (= t_min, the boundary; ``sigma_min = sigma(0)`` ~ 0.003 for the
   toy sigmoid schedule, close to CM's 0.002) to ``t_N = T - 1``: the teacher is the DDPM's
-  N-step DDIM chain (the ``init`` row), its step ``n + 1 -> n`` the ODE step.
-* **Parameterisation** (Eq. 5): ``f(x, t) = c_skip(t) x + c_out(t) F_theta(x, t)`` with
+  N-step DDIM chain (the ``init`` row), its step ``n + 1 -> n`` the ODE step. N = 17 (CD
+  used 18): with N = 33 the swiss-roll runs improved for ~6K steps, then diverged.
+* **Parameterisation** (Sec. 3): ``f(x, t) = c_skip(t) x + c_out(t) F_theta(x, t)`` with
   ``F_theta`` the student eps-net's x0-prediction ``(x - sqrt(1 - ab) eps) / sqrt(ab)`` and
   EDM's skip weight on the noise level ``sigma(t) = sqrt((1 - ab) / ab)`` (CM, App. C):
   ``c_skip = sigma_data^2 / ((sigma - sigma_min)^2 + sigma_data^2)``, ``c_out = 1 - c_skip``.
@@ -68,7 +69,7 @@ def consistency_fn(
     k: torch.Tensor,
     sigma_data: float | torch.Tensor,
 ) -> torch.Tensor:
-    """``f(x, t_k)`` (Eq. 5) at grid states ``k`` (``[n]``, 1..N; state 1 is t_min)."""
+    """``f(x, t_k)`` (Sec. 3) at grid states ``k`` (``[n]``, 1..N; state 1 is t_min)."""
     shape = (-1, *([1] * (x.dim() - 1)))
     ab, ab_min = grid.alpha_bar[k].view(shape), grid.alpha_bar[1]
     sigma, sigma_min = ((1 - ab) / ab).sqrt(), ((1 - ab_min) / ab_min).sqrt()
@@ -125,7 +126,7 @@ class ConsistencyDistillation(FineTuneMethod):
     grid_steps: N, the discretisation points (uniform network times, t_1 = 0, t_N = T - 1).
     nfe: the multistep sampling steps offered as rows (the smallest is the main row).
     distance: ``l2`` | ``pseudo_huber``. sigma_data: EDM's data scale (null: measured).
-    target_decay: mu of the target network (Eq. 8). ema_decay: the sampling EMA (0: theta).
+    target_decay: mu of the target network (Alg. 2). ema_decay: the sampling EMA (0: theta).
     optimizer / grad_clip / lr_schedule: the student's (``cosine``: to 0 over the run).
     ddpm: the DDPM's hyper-parameters (filled in from ``init_from``).
     """
@@ -134,7 +135,7 @@ class ConsistencyDistillation(FineTuneMethod):
         self,
         event_shape: list[int],
         init_from: str | None = None,
-        grid_steps: int = 33,
+        grid_steps: int = 17,
         nfe: list[int] | None = None,
         distance: str = "l2",
         sigma_data: float | None = None,
@@ -158,7 +159,7 @@ class ConsistencyDistillation(FineTuneMethod):
             raise ValueError(f"method.target_decay={target_decay}: expected a value in [0, 1)")
         self.save_hyperparameters()
         # chain: the student theta on the N-point grid; init_chain: the frozen teacher, whose
-        # DDIM step n+1 -> n is the ODE solver (Eq. 6).
+        # DDIM step n+1 -> n is the ODE solver (Phi, Sec. 4).
         self.build_chain(
             event_shape,
             init_from,
@@ -211,7 +212,7 @@ class ConsistencyDistillation(FineTuneMethod):
         with torch.no_grad():
             target = list(self.target_net.parameters())
             online = list(self.chain.eps_net.parameters())
-            torch._foreach_lerp_(target, online, 1.0 - self.hparams.target_decay)  # Eq. 8
+            torch._foreach_lerp_(target, online, 1.0 - self.hparams.target_decay)  # Alg. 2
         self.update_ema()
 
     # -- evaluation ------------------------------------------------------------------------------
