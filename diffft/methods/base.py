@@ -96,6 +96,12 @@ class SamplerMethod(L.LightningModule):
         returns their paths (also sent to W&B)."""
         return []
 
+    def configure_gradient_clipping(self, optimizer: Any, *args: Any, **kwargs: Any) -> None:
+        """Automatic optimisation: the norm of the gradient clipped at ``grad_clip`` (None/0:
+        off); manual-optimisation methods clip in their own step."""
+        if self.hparams.get("grad_clip"):
+            self.clip_gradients(optimizer, self.hparams.grad_clip, "norm")
+
     # -- the training loop's bookkeeping --------------------------------------------------------
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         # Subclasses that override this hook call super() first.

@@ -49,7 +49,6 @@ import math
 from typing import Any
 
 import torch
-from hydra.utils import instantiate
 
 from diffft.data.base import data_scale
 from diffft.diffusion.chain import GaussianChain
@@ -196,15 +195,6 @@ class ConsistencyDistillation(FineTuneMethod):
         if self.logging_batch():
             self.log("loss/consistency", loss.detach())
         return loss
-
-    def configure_optimizers(self) -> Any:
-        opt = self.hparams.optimizer or {"_target_": "torch.optim.Adam", "lr": 1e-4}
-        opt = instantiate(opt, params=self.chain.eps_net.parameters())
-        return self.lr_schedule_config([opt], self.hparams.lr_schedule)
-
-    def configure_gradient_clipping(self, optimizer: Any, *args: Any, **kwargs: Any) -> None:
-        if self.hparams.grad_clip:
-            self.clip_gradients(optimizer, self.hparams.grad_clip, "norm")
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)

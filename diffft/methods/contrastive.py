@@ -312,16 +312,6 @@ class ContrastiveChain(FineTuneMethod):
         return (weight * per_chain).mean(), weight
 
     # -- optimisation -----------------------------------------------------------------------------
-    def configure_optimizers(self) -> Any:
-        """Adam on the eps-network (automatic optimisation: Lightning steps its scheduler)."""
-        opt = self.hparams.optimizer or {"_target_": "torch.optim.Adam", "lr": 1e-4}
-        opt = instantiate(opt, params=self.chain.eps_net.parameters())
-        return self.lr_schedule_config([opt], self.hparams.lr_schedule)
-
-    def configure_gradient_clipping(self, optimizer: Any, *args: Any, **kwargs: Any) -> None:
-        if self.hparams.grad_clip:
-            self.clip_gradients(optimizer, self.hparams.grad_clip, "norm")
-
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
         self.update_ema()

@@ -90,10 +90,6 @@ class DDPM(SamplerMethod):
         # batch then holds this batch's EMA update (exact resume).
         self.update_ema()
 
-    def configure_gradient_clipping(self, optimizer: Any, *args: Any, **kwargs: Any) -> None:
-        if self.hparams.grad_clip:
-            self.clip_gradients(optimizer, self.hparams.grad_clip, "norm")
-
     def configure_optimizers(self) -> Any:
         opt = instantiate(self.hparams.optimizer, params=self.chain.parameters())
         if self.hparams.lr_schedule == "constant":

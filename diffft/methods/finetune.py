@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
+from hydra.utils import instantiate
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 
 from diffft.diffusion.chain import GaussianChain
@@ -238,6 +239,14 @@ class FineTuneMethod(SamplerMethod):
             self.clip_gradients(optimizer, clip, "norm")
 
     # -- learning-rate schedules ------------------------------------------------------------------
+    def configure_optimizers(self) -> Any:
+        """Automatic optimisation's default: ``optimizer`` (default Adam, lr 1e-4) on the
+        eps-network, with ``lr_schedule`` (Lightning steps its scheduler). Manual methods
+        (SFT-PG, DxMI) configure one optimiser per part instead."""
+        opt = self.hparams.optimizer or {"_target_": "torch.optim.Adam", "lr": 1e-4}
+        opt = instantiate(opt, params=self.chain.eps_net.parameters())
+        return self.lr_schedule_config([opt], self.hparams.lr_schedule)
+
     def lr_schedule_config(self, optimizers: list[torch.optim.Optimizer], schedule: str) -> Any:
         """``configure_optimizers``' return value for ``optimizers`` under ``method.lr_schedule``:
         the optimisers alone (``constant``), or with one ``LambdaLR`` each (``cosine``: every

@@ -189,10 +189,6 @@ class ProgressiveDistillation(FineTuneMethod):
         sched = {"scheduler": LambdaLR(opt, factor), "interval": "step"}
         return {"optimizer": opt, "lr_scheduler": sched}
 
-    def configure_gradient_clipping(self, optimizer: Any, *args: Any, **kwargs: Any) -> None:
-        if self.hparams.grad_clip:
-            self.clip_gradients(optimizer, self.hparams.grad_clip, "norm")
-
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
         # Here (not on_train_batch_end): a checkpoint written at the end of this batch holds it.
